@@ -1,0 +1,165 @@
+//! Response bodies on their way to the client: passed through frame by frame, or streamed through
+//! a [`PageRewriter`]. Never collected whole. Each body carries the request's access-log record,
+//! written when the body is finished or dropped, so the log line knows the bytes sent and the
+//! links decorated.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::access_log::AccessLog;
+use crate::rewrite::PageRewriter;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response the proxy sends.
+pub struct ResponseBody {
+    kind: Kind,
+    log: Option<AccessLog>,
+}
+
+enum Kind {
+    /// A body made by the proxy itself (an error page); `None` once sent.
+    Full(Option<Bytes>),
+    /// The origin's body, untouched.
+    Passthrough(Incoming),
+    /// The origin's body through the rewriter.
+    Rewrite(Box<Rewriting>),
+}
+
+struct Rewriting {
+    upstream: Incoming,
+    rewriter: PageRewriter,
+    /// Trailers from the origin, held until the rewriter's last bytes are out.
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>, log: AccessLog) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Full(Some(bytes.into())),
+            log: Some(log),
+        }
+    }
+
+    pub fn passthrough(body: Incoming, log: AccessLog) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Passthrough(body),
+            log: Some(log),
+        }
+    }
+
+    pub fn rewrite(body: Incoming, rewriter: PageRewriter, log: AccessLog) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Rewrite(Box::new(Rewriting {
+                upstream: body,
+                rewriter,
+                trailers: None,
+                ended: false,
+            })),
+            log: Some(log),
+        }
+    }
+
+    fn count(&mut self, frame: &Frame<Bytes>) {
+        if let (Some(log), Some(data)) = (self.log.as_mut(), frame.data_ref()) {
+            log.bytes_out += data.len() as u64;
+        }
+    }
+
+    fn finish(&mut self, outcome: &'static str) {
+        if let Some(mut log) = self.log.take() {
+            log.body_outcome = outcome;
+            drop(log);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Passthrough(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Kind::Rewrite(r) => r.poll_rewritten(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => this.count(frame),
+            Poll::Ready(Some(Err(_))) => this.finish("upstream_error"),
+            Poll::Ready(None) => this.finish("complete"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Passthrough(body) => body.is_end_stream(),
+            Kind::Rewrite(r) => r.ended && r.trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Passthrough(body) => body.size_hint(),
+            // A rewritten page's length is unknown until its end: hyper sends it chunked.
+            Kind::Rewrite(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl Rewriting {
+    fn poll_rewritten(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.ended {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            let out = match std::task::ready!(Pin::new(&mut self.upstream).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.rewriter.write(&data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.trailers = Some(trailers);
+                        }
+                        continue;
+                    }
+                },
+                // The origin's body broke off: end the client's response with an error too, so
+                // it is never mistaken for a complete page.
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => {
+                    self.ended = true;
+                    self.rewriter.end()
+                }
+            };
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away (not an error of ours) or hyper gave up.
+        self.finish("client_gone");
+    }
+}

@@ -1,0 +1,527 @@
+//! Configuration: `config.toml` text in, a validated [`Config`] out. Parsing (serde + toml, unknown
+//! keys rejected) is one step, validation into types the rest of the program trusts is another;
+//! nothing after this module sees raw configuration, and nothing is re-parsed per request.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::decorate::{Decorator, Existing};
+use crate::partner::{DomainPattern, PartnerSet};
+
+/// The file as operators write it. Every table is optional except `upstream`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    upstream: Option<String>,
+    preserve_host: Option<bool>,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    rewrite: RawRewrite,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    partner: Vec<RawPartner>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    cookies: Option<Vec<String>>,
+    param: Option<String>,
+    existing: Option<Existing>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRewrite {
+    memory_limit: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    upstream_connect: Option<String>,
+    upstream_response: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartner {
+    name: String,
+    domains: Vec<String>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MEMORY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The validated configuration. Cheap to share: the proxy holds it in an `Arc`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    /// Forward the client's `Host` (the default: origins route virtual hosts on it) rather than
+    /// the upstream's own authority.
+    pub preserve_host: bool,
+    /// Identity cookie names in precedence order.
+    pub cookies: Vec<String>,
+    pub decorator: Arc<Decorator>,
+    /// lol_html's buffering limit per page, in bytes.
+    pub memory_limit: usize,
+    pub timeouts: Timeouts,
+}
+
+/// Where requests go. Only `http://` here; the scheme is kept so TLS can be added without
+/// changing callers.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect to the origin; past it the request fails with 502.
+    pub upstream_connect: Duration,
+    /// From sending the request to the origin's response headers; past it the request gets 504.
+    pub upstream_response: Duration,
+}
+
+/// One thing wrong with the file: where, what value, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub value: String,
+    pub message: String,
+}
+
+/// Everything wrong with one configuration file, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {} problem{}",
+            self.file,
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.key.is_empty() {
+                write!(f, "\n  {}", p.message)?;
+            } else {
+                write!(f, "\n  {} = {}: {}", p.key, p.value, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                key: String::new(),
+                value: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            problems: vec![Problem {
+                key: String::new(),
+                value: String::new(),
+                message: e.to_string().trim_end().replace('\n', "\n  "),
+            }],
+        })?;
+        let mut v = Validator::default();
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => Err(ConfigError {
+                file: file.to_owned(),
+                problems: v.problems,
+            }),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(
+        &mut self,
+        key: impl Into<String>,
+        value: impl fmt::Debug,
+        message: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            key: key.into(),
+            value: format!("{value:?}"),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                self.problem(
+                    "listen",
+                    &listen_text,
+                    format!("not an IP:port address ({e})"),
+                )
+            })
+            .ok();
+        let upstream = match raw.upstream {
+            None => {
+                self.problem(
+                    "upstream",
+                    "",
+                    "missing: the origin to proxy to, e.g. \"http://127.0.0.1:3000\"",
+                );
+                None
+            }
+            Some(u) => self.upstream(&u),
+        };
+        let cookies = raw
+            .identity
+            .cookies
+            .unwrap_or_else(|| vec!["km_ni".into(), "km_ai".into()]);
+        if cookies.is_empty() {
+            self.problem(
+                "identity.cookies",
+                &cookies,
+                "list at least one cookie name",
+            );
+        }
+        for (i, c) in cookies.iter().enumerate() {
+            if c.is_empty() || !c.bytes().all(is_token_byte) {
+                self.problem(
+                    format!("identity.cookies[{i}]"),
+                    c,
+                    "not a valid cookie name",
+                );
+            }
+        }
+        let param = raw.identity.param.unwrap_or_else(|| "kmi".into());
+        if param.is_empty()
+            || !param
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        {
+            self.problem(
+                "identity.param",
+                &param,
+                "use only ASCII letters, digits and -._~ so the name needs no encoding in a URL",
+            );
+        }
+        let memory_limit = match raw.rewrite.memory_limit {
+            None => DEFAULT_MEMORY_LIMIT,
+            Some(n) if n >= 1024 => n as usize,
+            Some(n) => {
+                self.problem("rewrite.memory_limit", n, "must be at least 1024 bytes");
+                DEFAULT_MEMORY_LIMIT
+            }
+        };
+        let timeouts = Timeouts {
+            upstream_connect: self.duration(
+                "timeouts.upstream_connect",
+                raw.timeouts.upstream_connect,
+                5,
+            ),
+            upstream_response: self.duration(
+                "timeouts.upstream_response",
+                raw.timeouts.upstream_response,
+                30,
+            ),
+        };
+        let partners = self.partners(raw.partner);
+        let decorator = Arc::new(Decorator {
+            partners,
+            param,
+            existing: raw.identity.existing.unwrap_or_default(),
+        });
+        Some(Config {
+            listen: listen?,
+            upstream: upstream?,
+            preserve_host: raw.preserve_host.unwrap_or(true),
+            cookies,
+            decorator,
+            memory_limit,
+            timeouts,
+        })
+    }
+
+    fn upstream(&mut self, text: &str) -> Option<Upstream> {
+        let url = match url::Url::parse(text) {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem("upstream", text, format!("not a URL ({e})"));
+                return None;
+            }
+        };
+        if url.scheme() != "http" {
+            self.problem("upstream", text, "only http:// origins are supported");
+            return None;
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            self.problem(
+                "upstream",
+                text,
+                "give scheme, host and port only; request paths are forwarded as they are",
+            );
+            return None;
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(
+                "upstream",
+                text,
+                "credentials in the upstream URL are not supported",
+            );
+            return None;
+        }
+        let host = url.host_str()?;
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        };
+        match authority.parse() {
+            Ok(authority) => Some(Upstream {
+                scheme: http::uri::Scheme::HTTP,
+                authority,
+            }),
+            Err(e) => {
+                self.problem("upstream", text, format!("not a valid authority ({e})"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<String>, default_secs: u64) -> Duration {
+        let Some(text) = value else {
+            return Duration::from_secs(default_secs);
+        };
+        match humantime::parse_duration(&text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(key, &text, "must be longer than zero");
+                Duration::from_secs(default_secs)
+            }
+            Err(e) => {
+                self.problem(
+                    key,
+                    &text,
+                    format!("not a duration such as \"5s\" or \"250ms\" ({e})"),
+                );
+                Duration::from_secs(default_secs)
+            }
+        }
+    }
+
+    fn partners(&mut self, raw: Vec<RawPartner>) -> PartnerSet {
+        let mut set = PartnerSet::default();
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in raw.into_iter().enumerate() {
+            if p.name.trim().is_empty() {
+                self.problem(
+                    format!("partner[{i}].name"),
+                    &p.name,
+                    "give the partner a name (it labels logs and metrics)",
+                );
+            } else if !names.insert(p.name.clone()) {
+                self.problem(
+                    format!("partner[{i}].name"),
+                    &p.name,
+                    "another partner already has this name",
+                );
+            }
+            if p.domains.is_empty() {
+                self.problem(
+                    format!("partner[{i}].domains"),
+                    &p.domains,
+                    "list at least one domain",
+                );
+            }
+            let mut patterns = Vec::new();
+            for (j, d) in p.domains.iter().enumerate() {
+                match DomainPattern::parse(d) {
+                    Ok(pattern) => patterns.push(pattern),
+                    Err(why) => self.problem(format!("partner[{i}].domains[{j}]"), d, why),
+                }
+            }
+            set.push(p.name, patterns);
+        }
+        set
+    }
+}
+
+/// RFC 9110 token characters, which is what a cookie name may contain.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The effective configuration in the file's own syntax, for `kmi-proxy check`.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = &self.decorator;
+        writeln!(f, "listen = \"{}\"", self.listen)?;
+        writeln!(f, "upstream = \"{}\"", self.upstream)?;
+        writeln!(f, "preserve_host = {}", self.preserve_host)?;
+        writeln!(f, "\n[identity]")?;
+        writeln!(f, "cookies = {:?}", self.cookies)?;
+        writeln!(f, "param = \"{}\"", d.param)?;
+        let existing = match d.existing {
+            Existing::Keep => "keep",
+            Existing::Replace => "replace",
+        };
+        writeln!(f, "existing = \"{existing}\"")?;
+        writeln!(f, "\n[rewrite]\nmemory_limit = {}", self.memory_limit)?;
+        writeln!(f, "\n[timeouts]")?;
+        writeln!(
+            f,
+            "upstream_connect = \"{}\"",
+            humantime::format_duration(self.timeouts.upstream_connect)
+        )?;
+        writeln!(
+            f,
+            "upstream_response = \"{}\"",
+            humantime::format_duration(self.timeouts.upstream_response)
+        )?;
+        for i in 0..d.partners.len() {
+            let domains: Vec<String> = d
+                .partners
+                .patterns(i)
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            writeln!(
+                f,
+                "\n[[partner]]\nname = {:?}\ndomains = {:?}",
+                d.partners.name(i),
+                domains
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::parse(text, "test.toml").unwrap_err().problems
+    }
+
+    #[test]
+    fn minimal_file_gets_the_defaults() {
+        let c = Config::parse("upstream = \"http://127.0.0.1:3000\"", "t").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.cookies, ["km_ni", "km_ai"]);
+        assert_eq!(c.decorator.param, "kmi");
+        assert_eq!(c.decorator.existing, Existing::Keep);
+        assert!(c.preserve_host);
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:3000");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_and_value() {
+        let p = problems(
+            r#"
+            listen = "localhost"
+            upstream = "https://origin"
+            [identity]
+            param = "k m i"
+            cookies = []
+            [timeouts]
+            upstream_connect = "soon"
+            [[partner]]
+            name = "a"
+            domains = ["https://x.com", "*.ok.com"]
+            [[partner]]
+            name = "a"
+            domains = []
+            "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listen",
+                "upstream",
+                "identity.cookies",
+                "identity.param",
+                "timeouts.upstream_connect",
+                "partner[0].domains[0]",
+                "partner[1].name",
+                "partner[1].domains",
+            ]
+        );
+        assert_eq!(p[5].value, "\"https://x.com\"");
+        let shown = ConfigError {
+            file: "test.toml".into(),
+            problems: p,
+        }
+        .to_string();
+        assert!(shown.starts_with("test.toml: 8 problems"), "{shown}");
+        assert!(
+            shown.contains("partner[0].domains[0] = \"https://x.com\": write a host name only"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let p = problems("upstream = \"http://a\"\n[identity]\ncookie = [\"x\"]\n");
+        assert!(
+            p[0].message.contains("unknown field `cookie`"),
+            "{:?}",
+            p[0]
+        );
+        let p = problems("upstream = \"http://a\"\n[identity]\nexisting = \"overwrite\"\n");
+        assert!(p[0].message.contains("overwrite"), "{:?}", p[0]);
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../config.toml");
+        let c = Config::parse(text, "config.toml").unwrap();
+        assert!(!c.decorator.partners.is_empty());
+        // What `check` prints is itself a valid file with the same meaning.
+        let again = Config::parse(&c.to_string(), "effective").unwrap();
+        assert_eq!(again.to_string(), c.to_string());
+    }
+}

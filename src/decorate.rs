@@ -1,0 +1,331 @@
+//! Link decoration: one href (entities already decoded) plus a visitor ID in, the href with
+//! `kmi=<id>` added out, or the reason it stays as it is. Pure string work, no HTML and no I/O.
+//!
+//! The `url` crate is used only to decide *whether* a link points at a partner. The change itself
+//! is a single insertion into the text as the page wrote it, so nothing else of the URL is ever
+//! re-serialised, normalised or re-encoded, and relative links stay relative.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+use crate::identity::VisitorId;
+use crate::partner::{PartnerIndex, PartnerSet};
+
+/// What to do with a link that already carries the parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Existing {
+    /// Leave the link exactly as the page wrote it (the page knows best).
+    #[default]
+    Keep,
+    /// Put this visitor's ID in place of the value the page wrote.
+    Replace,
+}
+
+/// The validated decoration settings, built once at configuration load.
+#[derive(Debug, Clone)]
+pub struct Decorator {
+    pub partners: PartnerSet,
+    /// The query parameter's name; validated to be URL-safe, so it is written as is.
+    pub param: String,
+    pub existing: Existing,
+}
+
+/// The result of looking at one link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The link points at a partner and now carries the ID.
+    Decorated { href: String, partner: PartnerIndex },
+    /// The link points at a partner and already carries the parameter (`existing = "keep"`).
+    AlreadyPresent { partner: PartnerIndex },
+    /// Not an http(s) link to a partner host: left exactly as it was.
+    NotPartner,
+}
+
+/// ASCII whitespace as the URL and HTML specs define it; browsers strip it from both ends of an href.
+fn is_html_space(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\x0C' | '\r' | ' ')
+}
+
+impl Decorator {
+    /// Which partner, if any, `href` points at once resolved against `base` (the page's URL, or
+    /// its `<base href>`).
+    pub fn partner_of(&self, href: &str, base: &Url) -> Option<PartnerIndex> {
+        let href = href.trim_matches(is_html_space);
+        if !could_be_http(href) {
+            return None;
+        }
+        let url = base.join(href).ok()?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return None;
+        }
+        self.partners.match_host(url.host_str()?)
+    }
+
+    /// Decorates `href` for `id` when it points at a partner.
+    pub fn decorate(&self, href: &str, base: &Url, id: &VisitorId) -> Outcome {
+        let Some(partner) = self.partner_of(href, base) else {
+            return Outcome::NotPartner;
+        };
+        let start = href.len() - href.trim_start_matches(is_html_space).len();
+        let end = href.trim_end_matches(is_html_space).len();
+        let url = &href[start..end];
+
+        let body_end = url.find('#').unwrap_or(url.len());
+        let query = url[..body_end].find('?').map(|q| q + 1..body_end);
+        let existing = query
+            .as_ref()
+            .map(|q| param_ranges(url, q.clone(), &self.param))
+            .unwrap_or_default();
+
+        let mut out =
+            String::with_capacity(href.len() + self.param.len() + id.url_encoded().len() + 2);
+        out.push_str(&href[..start]);
+        match (existing.first(), self.existing) {
+            (Some(_), Existing::Keep) => return Outcome::AlreadyPresent { partner },
+            (Some(first), Existing::Replace) => {
+                // The first occurrence gets this visitor's ID; any later duplicate is dropped
+                // with its separator, so the link carries exactly one parameter.
+                let mut cursor = 0;
+                for (i, pair) in existing.iter().enumerate() {
+                    if i == 0 {
+                        out.push_str(&url[cursor..first.start]);
+                        self.push_pair(&mut out, id);
+                        cursor = first.end;
+                    } else {
+                        // Drop `&name=value`, i.e. the separator before the pair and the pair.
+                        out.push_str(&url[cursor..pair.start - 1]);
+                        cursor = pair.end;
+                    }
+                }
+                out.push_str(&url[cursor..]);
+            }
+            (None, _) => {
+                out.push_str(&url[..body_end]);
+                match &query {
+                    None => out.push('?'),
+                    Some(_) if url[..body_end].ends_with(['?', '&']) => {}
+                    Some(_) => out.push('&'),
+                }
+                self.push_pair(&mut out, id);
+                out.push_str(&url[body_end..]);
+            }
+        }
+        out.push_str(&href[end..]);
+        Outcome::Decorated { href: out, partner }
+    }
+
+    fn push_pair(&self, out: &mut String, id: &VisitorId) {
+        out.push_str(&self.param);
+        out.push('=');
+        out.push_str(id.url_encoded());
+    }
+}
+
+/// A cheap filter run before any URL parsing: a link with a scheme other than http(s)
+/// (`javascript:`, `mailto:`, `tel:`, `data:`, ...) can never be a partner link. Relative links
+/// have no scheme and go on to resolution against the base.
+fn could_be_http(href: &str) -> bool {
+    let scheme_end =
+        href.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')));
+    match scheme_end {
+        Some(i)
+            if i > 0 && href[i..].starts_with(':') && href.as_bytes()[0].is_ascii_alphabetic() =>
+        {
+            let scheme = &href[..i];
+            scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
+        }
+        _ => true,
+    }
+}
+
+/// The byte ranges (within `url`) of every `name=value` pair in `query` whose name, once
+/// form-decoded, equals `param`.
+fn param_ranges(url: &str, query: Range<usize>, param: &str) -> Vec<Range<usize>> {
+    let mut found = Vec::new();
+    let mut at = query.start;
+    for pair in url[query.clone()].split('&') {
+        let range = at..at + pair.len();
+        at = range.end + 1;
+        let name = pair.split('=').next().unwrap_or_default();
+        let name: Cow<str> = if name.contains('+') {
+            Cow::Owned(name.replace('+', " "))
+        } else {
+            Cow::Borrowed(name)
+        };
+        if percent_decode_str(&name).decode_utf8_lossy() == param {
+            found.push(range);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partner::DomainPattern;
+
+    fn decorator(existing: Existing) -> Decorator {
+        let mut partners = PartnerSet::default();
+        partners.push(
+            "checkout".into(),
+            ["checkout.partner.com", "*.partner.net", "bücher.example"]
+                .iter()
+                .map(|p| DomainPattern::parse(p).unwrap())
+                .collect(),
+        );
+        Decorator {
+            partners,
+            param: "kmi".into(),
+            existing,
+        }
+    }
+
+    fn check(href: &str, expected: Option<&str>) {
+        check_with(Existing::Keep, "https://www.site.com/page", href, expected);
+    }
+
+    fn check_with(existing: Existing, base: &str, href: &str, expected: Option<&str>) {
+        let id = VisitorId::new("Zk9+aB/c3Q==").unwrap();
+        let got = decorator(existing).decorate(href, &Url::parse(base).unwrap(), &id);
+        let got = match got {
+            Outcome::Decorated { href, .. } => Some(href),
+            _ => None,
+        };
+        assert_eq!(got.as_deref(), expected, "href {href:?}");
+    }
+
+    const ID: &str = "kmi=Zk9%2BaB%2Fc3Q%3D%3D";
+
+    #[test]
+    fn query_forms() {
+        check(
+            "https://checkout.partner.com",
+            Some(&format!("https://checkout.partner.com?{ID}")),
+        );
+        check(
+            "https://checkout.partner.com/",
+            Some(&format!("https://checkout.partner.com/?{ID}")),
+        );
+        check(
+            "https://checkout.partner.com/?a=1",
+            Some(&format!("https://checkout.partner.com/?a=1&{ID}")),
+        );
+        check(
+            "https://checkout.partner.com/?",
+            Some(&format!("https://checkout.partner.com/?{ID}")),
+        );
+        check(
+            "https://checkout.partner.com/?a=1&",
+            Some(&format!("https://checkout.partner.com/?a=1&{ID}")),
+        );
+        check(
+            "https://checkout.partner.com/p#f?x",
+            Some(&format!("https://checkout.partner.com/p?{ID}#f?x")),
+        );
+        check(
+            "https://checkout.partner.com/p?a#f",
+            Some(&format!("https://checkout.partner.com/p?a&{ID}#f")),
+        );
+        check(
+            "HTTPS://CHECKOUT.PARTNER.COM:8443/P%20Q?B=%41",
+            Some(&format!(
+                "HTTPS://CHECKOUT.PARTNER.COM:8443/P%20Q?B=%41&{ID}"
+            )),
+        );
+    }
+
+    #[test]
+    fn whitespace_around_is_kept_outside_the_url() {
+        check(
+            " \nhttps://checkout.partner.com/x\t",
+            Some(&format!(" \nhttps://checkout.partner.com/x?{ID}\t")),
+        );
+    }
+
+    #[test]
+    fn relative_links_resolve_against_the_base_and_stay_relative() {
+        let base = "https://checkout.partner.com/app/";
+        check_with(Existing::Keep, base, "step2", Some(&format!("step2?{ID}")));
+        check_with(
+            Existing::Keep,
+            base,
+            "//a.partner.net/x",
+            Some(&format!("//a.partner.net/x?{ID}")),
+        );
+        check("/local", None);
+        check(
+            "//checkout.partner.com/x",
+            Some(&format!("//checkout.partner.com/x?{ID}")),
+        );
+    }
+
+    #[test]
+    fn lookalikes_and_other_schemes_are_not_partners() {
+        for href in [
+            "https://partner.com/",
+            "https://partner.net/",
+            "https://checkout.partner.com.evil.com/",
+            "https://evilcheckout.partner.com.com/",
+            "https://checkout.partner.com@evil.com/",
+            "https://evil.com/?next=https://checkout.partner.com/",
+            "javascript:location='https://checkout.partner.com/'",
+            "mailto:a@checkout.partner.com",
+            "tel:+1",
+            "data:text/html,https://checkout.partner.com/",
+            "ftp://checkout.partner.com/",
+            "https://evil.com#@checkout.partner.com",
+        ] {
+            check(href, None);
+        }
+    }
+
+    #[test]
+    fn idn_hosts_match_in_either_form() {
+        check(
+            "https://bücher.example/",
+            Some(&format!("https://bücher.example/?{ID}")),
+        );
+        check(
+            "https://xn--bcher-kva.example/",
+            Some(&format!("https://xn--bcher-kva.example/?{ID}")),
+        );
+        check(
+            "https://BÜCHER.example./",
+            Some(&format!("https://BÜCHER.example./?{ID}")),
+        );
+    }
+
+    #[test]
+    fn existing_parameter_kept_or_replaced() {
+        check("https://checkout.partner.com/?kmi=old", None);
+        check("https://checkout.partner.com/?k%6Di=old", None);
+        let base = "https://www.site.com/";
+        check_with(
+            Existing::Replace,
+            base,
+            "https://checkout.partner.com/?a=1&kmi=old&b=2",
+            Some(&format!("https://checkout.partner.com/?a=1&{ID}&b=2")),
+        );
+        check_with(
+            Existing::Replace,
+            base,
+            "https://checkout.partner.com/?kmi=1&kmi=2#f",
+            Some(&format!("https://checkout.partner.com/?{ID}#f")),
+        );
+        check_with(
+            Existing::Replace,
+            base,
+            "https://checkout.partner.com/?kmi",
+            Some(&format!("https://checkout.partner.com/?{ID}")),
+        );
+        // `kmix` and `xkmi` are other parameters.
+        check(
+            "https://checkout.partner.com/?kmix=1&xkmi=2",
+            Some(&format!("https://checkout.partner.com/?kmix=1&xkmi=2&{ID}")),
+        );
+    }
+}

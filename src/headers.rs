@@ -1,0 +1,200 @@
+//! Header rules of a proxy, as pure functions over `HeaderMap`: hop-by-hop removal (RFC 9110
+//! §7.6.1), forwarding headers, and the cache-safety changes a decorated page needs.
+
+use http::header::{
+    HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, ETAG, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VARY, VIA,
+};
+use http::{HeaderMap, Version};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The name this proxy gives itself in `Via`.
+pub const VIA_NAME: &str = "kmi-proxy";
+
+/// Removes every hop-by-hop field: those named in `Connection`, then the fixed list.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        TRAILER,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Appends a `Via` entry for this hop, keeping earlier ones.
+pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    let protocol = match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    append_list(headers, VIA, &format!("{protocol} {VIA_NAME}"));
+}
+
+/// Appends `item` to a comma-separated list header, folding existing fields into one line.
+pub fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let mut joined = String::new();
+    for v in headers.get_all(&name) {
+        if let Ok(v) = v.to_str() {
+            if !v.trim().is_empty() {
+                joined.push_str(v.trim());
+                joined.push_str(", ");
+            }
+        }
+    }
+    joined.push_str(item);
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(name, value);
+    }
+}
+
+/// Adds `Cookie` to `Vary` unless it is already there (or `Vary: *` already covers it).
+pub fn vary_on_cookie(headers: &mut HeaderMap) {
+    let covered = headers
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|f| f.trim() == "*" || f.trim().eq_ignore_ascii_case("cookie"));
+    if !covered {
+        append_list(headers, VARY, "Cookie");
+    }
+}
+
+/// Makes a response that carries one visitor's ID unfit for shared caches: `public` and
+/// `s-maxage` go, `private` is added, other directives stay. A strong `ETag` becomes weak, so a
+/// conditional request cannot get a 304 that revalidates another visitor's copy as this one's.
+pub fn make_private(headers: &mut HeaderMap) {
+    let mut directives: Vec<String> = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let name = d.split('=').next().unwrap_or_default().trim();
+            !name.eq_ignore_ascii_case("public") && !name.eq_ignore_ascii_case("s-maxage")
+        })
+        .map(str::to_owned)
+        .collect();
+    if !directives.iter().any(|d| d.eq_ignore_ascii_case("private")) {
+        directives.push("private".into());
+    }
+    if let Ok(v) = HeaderValue::from_str(&directives.join(", ")) {
+        headers.insert(CACHE_CONTROL, v);
+    }
+    if let Some(etag) = headers.get(ETAG).and_then(|v| v.to_str().ok()) {
+        if !etag.starts_with("W/") {
+            match HeaderValue::from_str(&format!("W/{etag}")) {
+                Ok(weak) => headers.insert(ETAG, weak),
+                Err(_) => headers.remove(ETAG),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_connection_listed_ones_go() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("trailer", "x"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-kept", "1"),
+            ("authorization", "Bearer t"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept", "authorization"]);
+    }
+
+    #[test]
+    fn via_and_lists_append() {
+        let mut h = map(&[("via", "1.0 fred"), ("via", "1.1 p.example")]);
+        add_via(&mut h, Version::HTTP_11);
+        assert_eq!(h[VIA], "1.0 fred, 1.1 p.example, 1.1 kmi-proxy");
+        let mut h = HeaderMap::new();
+        add_via(&mut h, Version::HTTP_10);
+        assert_eq!(h[VIA], "1.0 kmi-proxy");
+    }
+
+    #[test]
+    fn vary_gets_cookie_once() {
+        let mut h = map(&[("vary", "Accept-Encoding")]);
+        vary_on_cookie(&mut h);
+        assert_eq!(h[VARY], "Accept-Encoding, Cookie");
+        vary_on_cookie(&mut h);
+        assert_eq!(h[VARY], "Accept-Encoding, Cookie");
+        let mut star = map(&[("vary", "*")]);
+        vary_on_cookie(&mut star);
+        assert_eq!(star[VARY], "*");
+    }
+
+    #[test]
+    fn private_replaces_public_and_s_maxage() {
+        let mut h = map(&[
+            ("cache-control", "public, max-age=60, S-MAXAGE=600"),
+            ("etag", "\"abc\""),
+        ]);
+        make_private(&mut h);
+        assert_eq!(h[CACHE_CONTROL], "max-age=60, private");
+        assert_eq!(h[ETAG], "W/\"abc\"");
+
+        let mut none = HeaderMap::new();
+        make_private(&mut none);
+        assert_eq!(none[CACHE_CONTROL], "private");
+
+        let mut already = map(&[("cache-control", "private, no-cache"), ("etag", "W/\"x\"")]);
+        make_private(&mut already);
+        assert_eq!(already[CACHE_CONTROL], "private, no-cache");
+        assert_eq!(already[ETAG], "W/\"x\"");
+    }
+}

@@ -1,0 +1,28 @@
+//! kmi-proxy: a streaming reverse proxy that carries a KISSmetrics visitor ID across domains by
+//! adding `kmi=<id>` to links that point at configured partner sites.
+//!
+//! The modules in reading order:
+//! - [`config`]: `config.toml` → validated [`config::Config`]; nothing else sees raw configuration.
+//! - [`identity`]: request cookies → [`identity::VisitorId`]. Pure.
+//! - [`partner`]: partner domain patterns and host matching. Pure.
+//! - [`decorate`]: one href + ID → decorated href. Pure.
+//! - [`rewrite`]: the streaming HTML rewriter, the only module that knows lol_html.
+//! - [`headers`]: hop-by-hop, forwarding and cache-safety header rules. Pure.
+//! - [`proxy`]: one request through the origin and back; decides what gets rewritten.
+//! - [`body`]: response bodies, passed through or rewritten, streamed frame by frame.
+//! - [`access_log`]: the per-request log line.
+//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`demo`]: the built-in demo origin behind `kmi-proxy demo`.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod body;
+pub mod config;
+pub mod decorate;
+pub mod demo;
+pub mod headers;
+pub mod identity;
+pub mod partner;
+pub mod proxy;
+pub mod rewrite;
+pub mod server;

@@ -1,0 +1,203 @@
+//! The `kmi-proxy` command: run the proxy, check a configuration, rewrite a page, or run the demo.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kmi_proxy::config::Config;
+use kmi_proxy::identity::VisitorId;
+use kmi_proxy::rewrite::{self, Charset, Page};
+use kmi_proxy::server::{self, Server};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A streaming reverse proxy that carries a KISSmetrics visitor ID to partner sites"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "KMI_PROXY_CONFIG",
+        default_value = "config.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the effective settings.
+    Check,
+    /// Rewrite an HTML page from stdin to stdout, as the proxy would for a visitor with this ID.
+    Rewrite {
+        /// The visitor ID, decoded (as `KM.i()` returns it).
+        #[arg(long)]
+        id: String,
+        /// The page's URL: relative links resolve against it.
+        #[arg(long, default_value = "http://localhost/")]
+        url: String,
+        /// The page's Content-Type header, which may name its charset.
+        #[arg(long, default_value = "text/html")]
+        content_type: String,
+    },
+    /// Start a demo origin and the proxy in front of it.
+    Demo {
+        /// Where the proxy listens; if taken, a free port is used instead.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmi-proxy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(serve(config))
+        }
+        Command::Check => {
+            let config = Config::load(&cli.config)?;
+            print!("{config}");
+            Ok(())
+        }
+        Command::Rewrite {
+            id,
+            url,
+            content_type,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let id = VisitorId::new(&id)
+                .map_err(|why| anyhow::anyhow!("--id is not usable as a visitor ID: {why}"))?;
+            let url =
+                url::Url::parse(&url).with_context(|| format!("--url {url:?} is not a URL"))?;
+            let charset: Charset = rewrite::charset_of(&content_type).map_err(|e| {
+                anyhow::anyhow!(
+                    "--content-type names a charset the rewriter cannot handle: {}",
+                    e.0
+                )
+            })?;
+            let mut input = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut input)
+                .context("reading stdin")?;
+            let page = Page {
+                url,
+                charset,
+                memory_limit: config.memory_limit,
+            };
+            let (out, stats) = rewrite::rewrite_chunks(
+                Arc::clone(&config.decorator),
+                id,
+                page,
+                &input,
+                &[64 * 1024],
+            );
+            std::io::stdout()
+                .write_all(&out)
+                .context("writing stdout")?;
+            eprintln!("kmi-proxy: {} link(s) decorated", stats.links_decorated());
+            Ok(())
+        }
+        Command::Demo { listen } => runtime()?.block_on(demo(listen)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let upstream = config.upstream.to_string();
+    let server = Server::bind(config).await?;
+    tracing::info!(
+        "kmi-proxy listening on http://{} for {upstream}",
+        server.local_addr()
+    );
+    server
+        .run(shutdown_signal(), server::SHUTDOWN_TIMEOUT)
+        .await;
+    tracing::info!("kmi-proxy stopped");
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr) -> Result<()> {
+    let origin = kmi_proxy::demo::start_origin()
+        .await
+        .context("starting the demo origin")?;
+    let server = match Server::bind(kmi_proxy::demo::config(listen, origin)?).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("{e}; using a free port instead");
+            let any = SocketAddr::new(listen.ip(), 0);
+            Server::bind(kmi_proxy::demo::config(any, origin)?).await?
+        }
+    };
+    let addr = server.local_addr();
+    println!("kmi-proxy demo: origin on http://{origin}, proxy on http://{addr}");
+    println!();
+    println!("  Open http://{addr}/ in a browser (it sets a km_ai cookie and reloads), or run:");
+    println!();
+    println!(
+        "  curl -s -H 'Cookie: km_ai=Zk9%2BaB%2Fc3Q%3D%3D' http://{addr}/ | grep partner.example"
+    );
+    println!();
+    println!(
+        "  Partner links gain kmi=Zk9%2BaB%2Fc3Q%3D%3D; other links are untouched. Ctrl-C stops."
+    );
+    server
+        .run(shutdown_signal(), server::SHUTDOWN_TIMEOUT)
+        .await;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+}

@@ -1,0 +1,278 @@
+//! The streaming HTML rewriter: the only module that names `lol_html`. Bytes of one page go in
+//! chunk by chunk, the same bytes come out with partner links decorated.
+//!
+//! Invariant: everything that is not a decorated `href` leaves byte for byte as it came in, and
+//! no input byte is ever lost: if lol_html gives up (memory limit), it flushes what it holds
+//! unmodified and the rest of the page is passed through as is.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use encoding_rs::Encoding;
+use lol_html::send::Element;
+use lol_html::send::{HtmlRewriter, Settings};
+use lol_html::{element, AsciiCompatibleEncoding, MemorySettings};
+use url::Url;
+
+use crate::decorate::{Decorator, Outcome};
+use crate::identity::VisitorId;
+
+/// How the bytes of a page are to be read, decided from its `Content-Type` before the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charset {
+    /// The header named an encoding lol_html can parse; a `<meta charset>` cannot override it.
+    Declared(&'static Encoding),
+    /// No charset in the header: start as UTF-8 and switch on the page's first `<meta charset>`
+    /// or `http-equiv`, as a browser does.
+    Sniffed,
+}
+
+/// The header named an encoding that is not ASCII-compatible (UTF-16, ISO-2022-JP) or that no
+/// browser knows: rewriting could corrupt it, so the page passes through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsupportedCharset(pub String);
+
+/// Reads the `charset` parameter of a `Content-Type` value.
+pub fn charset_of(content_type: &str) -> Result<Charset, UnsupportedCharset> {
+    let label = content_type.split(';').skip(1).find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| value.trim().trim_matches('"'))
+    });
+    let Some(label) = label else {
+        return Ok(Charset::Sniffed);
+    };
+    Encoding::for_label(label.as_bytes())
+        .filter(|e| AsciiCompatibleEncoding::new(e).is_some())
+        .map(Charset::Declared)
+        .ok_or_else(|| UnsupportedCharset(label.to_owned()))
+}
+
+/// What the rewriter needs to know about the page it is rewriting.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The URL the browser loaded; relative links resolve against it until a `<base href>`.
+    pub url: Url,
+    pub charset: Charset,
+    /// Bytes of lol_html buffering allowed before it bails out and passes the rest through.
+    pub memory_limit: usize,
+}
+
+/// Counters a rewriter shares with whoever logs the request.
+#[derive(Debug, Default)]
+pub struct RewriteStats {
+    links_decorated: AtomicUsize,
+    bailed_out: AtomicUsize,
+}
+
+impl RewriteStats {
+    pub fn links_decorated(&self) -> usize {
+        self.links_decorated.load(Ordering::Relaxed)
+    }
+
+    /// Whether the memory limit was hit and the rest of the page went through unmodified.
+    pub fn bailed_out(&self) -> bool {
+        self.bailed_out.load(Ordering::Relaxed) > 0
+    }
+}
+
+type Sink = Box<dyn FnMut(&[u8]) + Send>;
+
+/// One page's rewriter. Feed it with [`PageRewriter::write`] and finish with
+/// [`PageRewriter::end`]; each returns the output bytes that are ready.
+pub struct PageRewriter {
+    /// `None` once ended, or after a bail-out: from then on input passes straight through.
+    inner: Option<HtmlRewriter<'static, Sink>>,
+    /// Where lol_html's sink puts output until the caller takes it. The sink lives inside the
+    /// rewriter, so the buffer has to be shared; the lock is never contended.
+    out: Arc<Mutex<BytesMut>>,
+    stats: Arc<RewriteStats>,
+}
+
+impl PageRewriter {
+    pub fn new(decorator: Arc<Decorator>, id: VisitorId, page: Page) -> PageRewriter {
+        let out = Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024)));
+        let stats = Arc::new(RewriteStats::default());
+
+        let sink_out = Arc::clone(&out);
+        let sink: Sink = Box::new(move |chunk: &[u8]| {
+            lock(&sink_out).extend_from_slice(chunk);
+        });
+
+        let mut links = LinkHandler {
+            decorator,
+            id,
+            page_url: page.url,
+            base: None,
+            base_seen: false,
+            stats: Arc::clone(&stats),
+        };
+        let (encoding, adjust_on_meta) = match page.charset {
+            Charset::Declared(e) => (e, false),
+            Charset::Sniffed => (encoding_rs::UTF_8, true),
+        };
+        let settings = Settings::new_send()
+            .append_element_content_handler(element!(
+                "a[href], area[href], base[href]",
+                move |el| {
+                    links.handle(el);
+                    Ok(())
+                }
+            ))
+            .with_encoding(AsciiCompatibleEncoding::new(encoding).expect("checked by charset_of"))
+            .with_adjust_charset_on_meta_tag(adjust_on_meta)
+            // Ambiguous markup must never cut a page short: parse it the way browsers most likely do.
+            .with_strict(false)
+            .with_memory_settings(
+                MemorySettings::new()
+                    .with_max_allowed_memory_usage(page.memory_limit)
+                    .with_graceful_bail_out_on_memory_limit_exceeded(true),
+            );
+        PageRewriter {
+            inner: Some(HtmlRewriter::new(settings, sink)),
+            out,
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> Arc<RewriteStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Feeds one chunk of the page and returns whatever output is ready (possibly nothing: lol_html
+    /// holds back a tag that is split across chunks).
+    pub fn write(&mut self, chunk: &[u8]) -> Bytes {
+        match &mut self.inner {
+            Some(rewriter) => {
+                if rewriter.write(chunk).is_err() {
+                    // With graceful bail-out lol_html has already flushed every byte it held,
+                    // unmodified; only the rewriter is lost, never content.
+                    self.inner = None;
+                    self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
+                }
+                self.take()
+            }
+            None => {
+                let mut ready = self.take_mut();
+                ready.extend_from_slice(chunk);
+                ready.freeze()
+            }
+        }
+    }
+
+    /// Ends the page and returns the last output.
+    pub fn end(&mut self) -> Bytes {
+        if let Some(rewriter) = self.inner.take() {
+            if rewriter.end().is_err() {
+                self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.take()
+    }
+
+    fn take_mut(&self) -> BytesMut {
+        lock(&self.out).split()
+    }
+
+    fn take(&self) -> Bytes {
+        self.take_mut().freeze()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing in this module panics while holding the lock; if something ever did, the bytes are
+    // still the bytes, so keep going rather than poison every later page.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The per-page state of the `a`/`area`/`base` handler.
+struct LinkHandler {
+    decorator: Arc<Decorator>,
+    id: VisitorId,
+    page_url: Url,
+    /// The first `<base href>`, resolved against the page URL.
+    base: Option<Url>,
+    /// Only the first `<base href>` counts, even when it is unusable.
+    base_seen: bool,
+    stats: Arc<RewriteStats>,
+}
+
+impl LinkHandler {
+    fn handle(&mut self, el: &mut Element<'_, '_>) {
+        let Some(raw) = el.get_attribute("href") else {
+            return;
+        };
+        if el.tag_name() == "base" {
+            if !self.base_seen {
+                self.base_seen = true;
+                let href = htmlize::unescape_attribute(raw.as_str());
+                self.base = self.page_url.join(href.trim_matches(is_html_space)).ok();
+            }
+            return;
+        }
+        // U+FFFD means bytes that are not valid in the page's encoding: writing the attribute
+        // back would replace them, so such a link is left alone.
+        if raw.contains('\u{FFFD}') {
+            return;
+        }
+        let href = htmlize::unescape_attribute(raw.as_str());
+        let base = self.base.as_ref().unwrap_or(&self.page_url);
+        if let Outcome::Decorated { href, .. } = self.decorator.decorate(&href, base, &self.id) {
+            // lol_html escapes `"` in attribute values but not `&`, so the text written back
+            // means exactly `href` to the browser.
+            let escaped = href.replace('&', "&amp;");
+            if el.set_attribute("href", &escaped).is_ok() {
+                self.stats.links_decorated.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn is_html_space(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\x0C' | '\r' | ' ')
+}
+
+/// Rewrites a whole page held in memory through the same code path as the proxy, feeding it in
+/// the given chunk sizes (cycled). For the `rewrite` command, tests and benchmarks.
+pub fn rewrite_chunks(
+    decorator: Arc<Decorator>,
+    id: VisitorId,
+    page: Page,
+    input: &[u8],
+    chunk_sizes: &[usize],
+) -> (Vec<u8>, Arc<RewriteStats>) {
+    let mut rewriter = PageRewriter::new(decorator, id, page);
+    let mut out = Vec::with_capacity(input.len() + input.len() / 8);
+    let mut rest = input;
+    let mut sizes = chunk_sizes.iter().copied().filter(|&s| s > 0).cycle();
+    while !rest.is_empty() {
+        let n = sizes.next().unwrap_or(rest.len()).min(rest.len());
+        out.extend_from_slice(&rewriter.write(&rest[..n]));
+        rest = &rest[n..];
+    }
+    out.extend_from_slice(&rewriter.end());
+    (out, rewriter.stats())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charset_from_content_type() {
+        assert_eq!(charset_of("text/html"), Ok(Charset::Sniffed));
+        assert_eq!(
+            charset_of("text/html; charset=Shift_JIS"),
+            Ok(Charset::Declared(encoding_rs::SHIFT_JIS))
+        );
+        assert_eq!(
+            charset_of("text/html;CHARSET=\"windows-1252\""),
+            Ok(Charset::Declared(encoding_rs::WINDOWS_1252))
+        );
+        assert!(charset_of("text/html; charset=utf-16").is_err());
+        assert!(charset_of("text/html; charset=iso-2022-jp").is_err());
+        assert!(charset_of("text/html; charset=klingon").is_err());
+    }
+}
