@@ -96,7 +96,13 @@ impl Body for ResponseBody {
             Kind::Rewrite(r) => r.poll_rewritten(cx),
         };
         match &polled {
-            Poll::Ready(Some(Ok(frame))) => this.count(frame),
+            Poll::Ready(Some(Ok(frame))) => {
+                this.count(frame);
+                // hyper stops polling once a body says it has ended, so log completion here.
+                if this.is_end_stream() {
+                    this.finish("complete");
+                }
+            }
             Poll::Ready(Some(Err(_))) => this.finish("upstream_error"),
             Poll::Ready(None) => this.finish("complete"),
             Poll::Pending => {}
@@ -160,6 +166,8 @@ impl Rewriting {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Dropped before its end: the client went away (not an error of ours) or hyper gave up.
-        self.finish("client_gone");
+        // A body that was empty from the start (HEAD, 204) is complete without being polled.
+        let outcome = if self.is_end_stream() { "complete" } else { "client_gone" };
+        self.finish(outcome);
     }
 }
