@@ -167,7 +167,11 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Dropped before its end: the client went away (not an error of ours) or hyper gave up.
         // A body that was empty from the start (HEAD, 204) is complete without being polled.
-        let outcome = if self.is_end_stream() { "complete" } else { "client_gone" };
+        let outcome = if self.is_end_stream() {
+            "complete"
+        } else {
+            "client_gone"
+        };
         self.finish(outcome);
     }
 }

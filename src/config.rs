@@ -60,6 +60,8 @@ struct RawPartner {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MEMORY_LIMIT: usize = 4 * 1024 * 1024;
+/// Below this lol_html cannot hold even one `<a>` tag, so every page would bail out.
+pub const MIN_MEMORY_LIMIT: usize = 4096;
 
 /// The validated configuration. Cheap to share: the proxy holds it in an `Arc`.
 #[derive(Debug, Clone)]
@@ -250,9 +252,13 @@ impl Validator {
         }
         let memory_limit = match raw.rewrite.memory_limit {
             None => DEFAULT_MEMORY_LIMIT,
-            Some(n) if n >= 1024 => n as usize,
+            Some(n) if n >= MIN_MEMORY_LIMIT as i64 => n as usize,
             Some(n) => {
-                self.problem("rewrite.memory_limit", n, "must be at least 1024 bytes");
+                self.problem(
+                    "rewrite.memory_limit",
+                    n,
+                    format!("must be at least {MIN_MEMORY_LIMIT} bytes (lol_html needs about 2.3 KiB to hold one link)"),
+                );
                 DEFAULT_MEMORY_LIMIT
             }
         };

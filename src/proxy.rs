@@ -129,7 +129,6 @@ impl Proxy {
         );
         let identity = identity::from_headers(req.headers(), &config.cookies);
         let method = req.method().clone();
-        let version = req.version();
 
         let upstream_req =
             match self.upstream_request(req, client, client_host.as_deref(), &path_and_query) {
@@ -164,9 +163,11 @@ impl Proxy {
 
         let status = response.status();
         log.status = status.as_u16();
+        // `Via` names the protocol the message arrived over: the origin's, for a response.
+        let origin_version = response.version();
         let headers = response.headers_mut();
         headers::remove_hop_by_hop(headers);
-        headers::add_via(headers, version);
+        headers::add_via(headers, origin_version);
         let decision = decide(&method, status, headers, &identity);
         if !matches!(decision, Decision::NotRewritable(_)) {
             // The same URL may be decorated for another visitor: caches must key on Cookie even

@@ -80,6 +80,9 @@ impl RewriteStats {
 
 type Sink = Box<dyn FnMut(&[u8]) + Send>;
 
+/// The largest piece of input handed to lol_html in one call.
+const MAX_WRITE: usize = 16 * 1024;
+
 /// One page's rewriter. Feed it with [`PageRewriter::write`] and finish with
 /// [`PageRewriter::end`]; each returns the output bytes that are ready.
 pub struct PageRewriter {
@@ -144,22 +147,25 @@ impl PageRewriter {
     /// Feeds one chunk of the page and returns whatever output is ready (possibly nothing: lol_html
     /// holds back a tag that is split across chunks).
     pub fn write(&mut self, chunk: &[u8]) -> Bytes {
-        match &mut self.inner {
-            Some(rewriter) => {
-                if rewriter.write(chunk).is_err() {
-                    // With graceful bail-out lol_html has already flushed every byte it held,
-                    // unmodified; only the rewriter is lost, never content.
-                    self.inner = None;
-                    self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
-                }
-                self.take()
+        let mut rest = chunk;
+        while let Some(rewriter) = &mut self.inner {
+            if rest.is_empty() {
+                return self.take();
             }
-            None => {
-                let mut ready = self.take_mut();
-                ready.extend_from_slice(chunk);
-                ready.freeze()
+            // When a tag is split across writes lol_html buffers it together with the whole next
+            // write, so bounded pieces keep the memory limit about the page, not the chunking.
+            let (piece, after) = rest.split_at(rest.len().min(MAX_WRITE));
+            rest = after;
+            if rewriter.write(piece).is_err() {
+                // With graceful bail-out lol_html has already flushed every byte it held,
+                // unmodified; only the rewriter is lost, never content.
+                self.inner = None;
+                self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let mut ready = self.take_mut();
+        ready.extend_from_slice(rest);
+        ready.freeze()
     }
 
     /// Ends the page and returns the last output.

@@ -1,0 +1,657 @@
+//! Test harness: a real origin and the real proxy, both on `127.0.0.1:0`, and clients that speak
+//! HTTP to them. Written to read like sentences:
+//!
+//! ```ignore
+//! let origin = origin().route("/", |_| Reply::html(PAGE)).start().await;
+//! let proxy = proxy("", origin.addr).await;
+//! let rsp = get(proxy.addr, "/").cookie("km_ai=abc").send().await;
+//! let page = body_of(rsp).await;
+//! ```
+//!
+//! Nothing here sleeps to synchronise: ordering comes from channels, and every wait is bounded by
+//! [`within`] so that a broken proxy fails a test instead of hanging it.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, COOKIE, HOST};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kmi_proxy::config::Config;
+use kmi_proxy::server::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upper bound on any single wait in a test. Generous: it only exists so that a proxy that
+/// deadlocks or buffers fails clearly instead of hanging the test run.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Awaits `f`, or panics naming `what` once [`PATIENCE`] has passed.
+pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(PATIENCE, f).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {PATIENCE:?}: {what}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies under the test's control
+// ---------------------------------------------------------------------------------------------
+
+/// A body whose parts the test sends one at a time through a [`Feed`]. Ends when the feed is
+/// dropped (or [`Feed::finish`]ed); breaks off with an error on [`Feed::fail`].
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, io::Error>>,
+}
+
+/// The sending side of a [`ChannelBody`].
+pub struct Feed {
+    tx: mpsc::Sender<Result<Bytes, io::Error>>,
+}
+
+/// A body the test feeds part by part. Capacity one: a part waits until the previous one has
+/// been taken by whoever reads the body.
+pub fn channel() -> (Feed, ChannelBody) {
+    let (tx, rx) = mpsc::channel(1);
+    (Feed { tx }, ChannelBody { rx })
+}
+
+impl Feed {
+    /// Sends one part; `false` when the reader has dropped the body.
+    pub async fn send(&self, part: impl Into<Bytes>) -> bool {
+        self.tx.send(Ok(part.into())).await.is_ok()
+    }
+
+    /// Sends one part, panicking if the reader is gone.
+    pub async fn part(&self, part: impl Into<Bytes>) {
+        assert!(
+            within("sending a body part", self.send(part)).await,
+            "the body's reader went away before this part could be sent"
+        );
+    }
+
+    /// Ends the body normally.
+    pub fn finish(self) {}
+
+    /// Breaks the body off: the reader gets an error instead of an end.
+    pub async fn fail(self) {
+        let _ = self
+            .tx
+            .send(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the test broke the body off",
+            )))
+            .await;
+    }
+
+    /// Completes once the reader has dropped the body.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|part| part.map(|r| r.map(Frame::data)))
+    }
+}
+
+fn boxed<B>(body: B) -> BoxBody<Bytes, BoxError>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The origin
+// ---------------------------------------------------------------------------------------------
+
+/// A request as the origin received it, body read to its end.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Set when the request body broke off instead of ending.
+    pub body_error: Option<String>,
+}
+
+impl Received {
+    /// The single value of a header, as text; panics if it is repeated.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let mut all = self.headers.get_all(name).iter();
+        let first = all.next()?;
+        assert!(
+            all.next().is_none(),
+            "the origin got several {name} headers: {:?}",
+            self.headers
+        );
+        Some(first.to_str().expect("a text header"))
+    }
+}
+
+/// What the origin answers to one request.
+pub struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: BoxBody<Bytes, BoxError>,
+    /// Awaited before the response head is sent.
+    hold: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Reply {
+    pub fn status(code: u16) -> Reply {
+        Reply {
+            status: StatusCode::from_u16(code).expect("a valid status"),
+            headers: HeaderMap::new(),
+            body: boxed(Empty::new()),
+            hold: None,
+        }
+    }
+
+    pub fn ok() -> Reply {
+        Reply::status(200)
+    }
+
+    /// 200, `text/html; charset=utf-8`, this page.
+    pub fn html(page: impl Into<Bytes>) -> Reply {
+        Reply::ok()
+            .header("content-type", "text/html; charset=utf-8")
+            .body(page)
+    }
+
+    /// A reply that never sends its head: the origin accepts the request and goes quiet.
+    pub fn never() -> Reply {
+        let mut reply = Reply::ok();
+        reply.hold = Some(Box::pin(std::future::pending()));
+        reply
+    }
+
+    /// Adds a header (repeating a name adds another field).
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.append(
+            HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+            HeaderValue::from_str(value).expect("a header value"),
+        );
+        self
+    }
+
+    /// A complete body: hyper sends it with `Content-Length`.
+    pub fn body(mut self, bytes: impl Into<Bytes>) -> Reply {
+        self.body = boxed(Full::new(bytes.into()));
+        self
+    }
+
+    /// A body the test sends part by part (chunked, unless a `Content-Length` header is given).
+    pub fn stream(mut self, body: ChannelBody) -> Reply {
+        self.body = boxed(body);
+        self
+    }
+
+    fn into_response(self) -> Response<BoxBody<Bytes, BoxError>> {
+        let mut rsp = Response::new(self.body);
+        *rsp.status_mut() = self.status;
+        *rsp.headers_mut() = self.headers;
+        rsp
+    }
+}
+
+type Handler = Box<dyn FnMut(&Received) -> Reply + Send>;
+
+/// Builds an origin: routes by exact path, each a closure from the received request to a reply.
+#[derive(Default)]
+pub struct OriginBuilder {
+    routes: Vec<(String, Handler)>,
+}
+
+pub fn origin() -> OriginBuilder {
+    OriginBuilder::default()
+}
+
+/// A running origin. Every request it receives is recorded, in order, before it is answered.
+pub struct Origin {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl OriginBuilder {
+    pub fn route(
+        mut self,
+        path: &str,
+        handler: impl FnMut(&Received) -> Reply + Send + 'static,
+    ) -> OriginBuilder {
+        self.routes.push((path.to_owned(), Box::new(handler)));
+        self
+    }
+
+    /// Binds `127.0.0.1:0` and serves HTTP/1.1 until the test ends.
+    pub async fn start(self) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the origin");
+        let addr = listener.local_addr().expect("the origin's address");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let routes = Arc::new(Mutex::new(self.routes));
+        let log = Arc::clone(&received);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let routes = Arc::clone(&routes);
+                let log = Arc::clone(&log);
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let routes = Arc::clone(&routes);
+                    let log = Arc::clone(&log);
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let (body, body_error) = match body.collect().await {
+                            Ok(c) => (c.to_bytes(), None),
+                            Err(e) => (Bytes::new(), Some(e.to_string())),
+                        };
+                        let received = Received {
+                            method: parts.method,
+                            uri: parts.uri,
+                            version: parts.version,
+                            headers: parts.headers,
+                            body,
+                            body_error,
+                        };
+                        log.lock().unwrap().push(received.clone());
+                        let reply = {
+                            let mut routes = routes.lock().unwrap();
+                            match routes
+                                .iter_mut()
+                                .find(|(path, _)| path == received.uri.path())
+                            {
+                                Some((_, handler)) => handler(&received),
+                                None => Reply::status(404)
+                                    .header("content-type", "text/plain")
+                                    .body("no such route on the test origin\n"),
+                            }
+                        };
+                        let mut reply = reply;
+                        if let Some(hold) = reply.hold.take() {
+                            hold.await;
+                        }
+                        Ok::<_, Infallible>(reply.into_response())
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, received }
+    }
+}
+
+impl Origin {
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The only request received so far.
+    pub fn the_request(&self) -> Received {
+        let all = self.requests();
+        assert_eq!(
+            all.len(),
+            1,
+            "expected the origin to receive exactly one request, got {all:#?}"
+        );
+        all.into_iter().next().unwrap()
+    }
+
+    /// The most recent request received.
+    pub fn last_request(&self) -> Received {
+        self.requests()
+            .pop()
+            .expect("the origin has received no request")
+    }
+}
+
+/// An origin that accepts each connection, reads the request and closes without a word.
+pub async fn hanging_up_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            drop(stream);
+        }
+    });
+    addr
+}
+
+/// An address nothing listens on: bound, then released.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    drop(listener);
+    addr
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration every test starts from: the proxy on a free port in front of `origin`,
+/// partners `checkout.partner.com` and `*.partner.net`. `extra` goes after the top-level keys
+/// and before the partner table, so it may hold top-level keys followed by tables.
+pub fn config_text(extra: &str, origin: SocketAddr) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+upstream = "http://{origin}"
+{extra}
+
+[[partner]]
+name = "checkout"
+domains = ["checkout.partner.com", "*.partner.net"]
+"#
+    )
+}
+
+/// Starts the real proxy (the same `server::spawn` the binary uses) in front of `origin`.
+pub async fn proxy(extra: &str, origin: SocketAddr) -> Running {
+    let text = config_text(extra, origin);
+    let config = Config::parse(&text, "test configuration")
+        .unwrap_or_else(|e| panic!("the test configuration is invalid: {e}\n{text}"));
+    kmi_proxy::server::spawn(config)
+        .await
+        .expect("start the proxy")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// A request about to be sent with hyper's HTTP/1 client, on a connection of its own.
+pub struct Req {
+    addr: SocketAddr,
+    request: Request<BoxBody<Bytes, BoxError>>,
+}
+
+pub fn request(method: &str, addr: SocketAddr, path: &str) -> Req {
+    let mut request = Request::new(boxed(Empty::new()));
+    *request.method_mut() = Method::from_bytes(method.as_bytes()).expect("a method");
+    *request.uri_mut() = path.parse().expect("a request path");
+    // hyper's connection-level client sends no Host of its own; a browser would send this one.
+    request.headers_mut().insert(
+        HOST,
+        HeaderValue::from_str(&addr.to_string()).expect("host"),
+    );
+    Req { addr, request }
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Req {
+    request("GET", addr, path)
+}
+
+impl Req {
+    /// Sets a header, replacing any earlier value (use [`Req::also`] to repeat a name).
+    pub fn header(mut self, name: &str, value: &str) -> Req {
+        self.request.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+            HeaderValue::from_str(value).expect("a header value"),
+        );
+        self
+    }
+
+    /// Adds another field with this name.
+    pub fn also(mut self, name: &str, value: &str) -> Req {
+        self.request.headers_mut().append(
+            HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+            HeaderValue::from_str(value).expect("a header value"),
+        );
+        self
+    }
+
+    /// Adds a `Cookie` header (a second call adds a second header).
+    pub fn cookie(self, cookies: &str) -> Req {
+        self.also(COOKIE.as_str(), cookies)
+    }
+
+    /// A complete body, sent with `Content-Length`.
+    pub fn body(mut self, bytes: impl Into<Bytes>) -> Req {
+        *self.request.body_mut() = boxed(Full::new(bytes.into()));
+        self
+    }
+
+    /// A body the test sends part by part, chunked.
+    pub fn stream(mut self, body: ChannelBody) -> Req {
+        *self.request.body_mut() = boxed(body);
+        self
+    }
+
+    /// Sends the request and waits for the response head.
+    pub async fn send(self) -> Response<Incoming> {
+        let what = format!(
+            "the response head to {} {}",
+            self.request.method(),
+            self.request.uri()
+        );
+        within(&what, async move {
+            let stream = TcpStream::connect(self.addr)
+                .await
+                .expect("connect to the proxy");
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("HTTP/1 handshake");
+            tokio::spawn(async move {
+                // Errors on the connection surface through the response or its body.
+                let _ = connection.await;
+            });
+            sender
+                .send_request(self.request)
+                .await
+                .expect("a response from the proxy")
+        })
+        .await
+    }
+}
+
+/// The whole body, or the error it ended with.
+pub async fn try_body_of(rsp: Response<Incoming>) -> Result<Bytes, hyper::Error> {
+    within("the response body", rsp.into_body().collect())
+        .await
+        .map(|c| c.to_bytes())
+}
+
+/// The whole body; panics if it broke off.
+pub async fn body_of(rsp: Response<Incoming>) -> Bytes {
+    try_body_of(rsp).await.expect("a complete response body")
+}
+
+/// The whole body as UTF-8 text.
+pub async fn text_of(rsp: Response<Incoming>) -> String {
+    String::from_utf8(body_of(rsp).await.to_vec()).expect("a UTF-8 body")
+}
+
+/// The single value of a response header as text, if present.
+pub fn header<'a, B>(rsp: &'a Response<B>, name: &str) -> Option<&'a str> {
+    let mut all = rsp.headers().get_all(name).iter();
+    let first = all.next()?;
+    assert!(
+        all.next().is_none(),
+        "several {name} headers: {:?}",
+        rsp.headers()
+    );
+    Some(first.to_str().expect("a text header"))
+}
+
+/// A response read off a raw socket: the head exactly as sent, and the rest of the bytes.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn status(&self) -> u16 {
+        self.head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {:?}", self.head))
+    }
+
+    /// Header lines as (name, value), in order, names as sent.
+    pub fn fields(&self) -> Vec<(&str, &str)> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n, v.trim()))
+            .collect()
+    }
+
+    /// Every value of a header, case-insensitive name.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.fields()
+            .into_iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// The single value of a header; panics if repeated.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let all = self.all(name);
+        assert!(all.len() <= 1, "several {name} fields in\n{}", self.head);
+        all.first().copied()
+    }
+
+    /// The body with chunked framing removed; panics on bad framing.
+    pub fn dechunked(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = &self.body[..];
+        loop {
+            let line_end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a chunk size line");
+            let size_text = std::str::from_utf8(&rest[..line_end]).expect("chunk size");
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .expect("hex chunk size");
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                return out;
+            }
+            out.extend_from_slice(&rest[..size]);
+            assert_eq!(&rest[size..size + 2], b"\r\n", "chunk not followed by CRLF");
+            rest = &rest[size + 2..];
+        }
+    }
+}
+
+/// Sends these exact bytes on a new connection and reads until the server closes it, so the
+/// request should say `Connection: close`.
+pub async fn raw(addr: SocketAddr, request: &str) -> RawResponse {
+    within("a raw response read to the end", async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write the request");
+        let mut all = Vec::new();
+        stream
+            .read_to_end(&mut all)
+            .await
+            .expect("read the response");
+        let split = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no complete response head in {:?}",
+                    String::from_utf8_lossy(&all)
+                )
+            });
+        RawResponse {
+            head: String::from_utf8(all[..split].to_vec()).expect("an ASCII head"),
+            body: all[split + 4..].to_vec(),
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes (xorshift64*): binary content that is never mistaken for
+/// text, reproducible from the seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Asserts two byte strings are equal without printing megabytes when they are not.
+#[track_caller]
+pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    if actual == expected {
+        return;
+    }
+    let at = actual
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(actual.len().min(expected.len()));
+    let window = |b: &[u8]| {
+        String::from_utf8_lossy(&b[at.saturating_sub(40)..(at + 40).min(b.len())]).into_owned()
+    };
+    panic!(
+        "{what}: {} bytes received, {} expected; first difference at byte {at}:\n  received …{:?}…\n  expected …{:?}…",
+        actual.len(),
+        expected.len(),
+        window(actual),
+        window(expected),
+    );
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
