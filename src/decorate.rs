@@ -45,16 +45,22 @@ pub enum Outcome {
     NotPartner,
 }
 
-/// ASCII whitespace as the URL and HTML specs define it; browsers strip it from both ends of an href.
-fn is_html_space(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\x0C' | '\r' | ' ')
+/// What the URL parser strips from both ends of a URL: C0 controls and space (this includes the
+/// ASCII whitespace HTML strips from an href).
+fn is_url_edge(c: char) -> bool {
+    c <= ' '
+}
+
+/// What the URL parser removes anywhere in a URL.
+fn is_tab_or_newline(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r')
 }
 
 impl Decorator {
     /// Which partner, if any, `href` points at once resolved against `base` (the page's URL, or
     /// its `<base href>`).
     pub fn partner_of(&self, href: &str, base: &Url) -> Option<PartnerIndex> {
-        let href = href.trim_matches(is_html_space);
+        let href = href.trim_matches(is_url_edge);
         if !could_be_http(href) {
             return None;
         }
@@ -70,8 +76,9 @@ impl Decorator {
         let Some(partner) = self.partner_of(href, base) else {
             return Outcome::NotPartner;
         };
-        let start = href.len() - href.trim_start_matches(is_html_space).len();
-        let end = href.trim_end_matches(is_html_space).len();
+        let trimmed = href.trim_start_matches(is_url_edge);
+        let start = href.len() - trimmed.len();
+        let end = start + trimmed.trim_end_matches(is_url_edge).len();
         let url = &href[start..end];
 
         let body_end = url.find('#').unwrap_or(url.len());
@@ -125,6 +132,14 @@ impl Decorator {
     }
 }
 
+/// Whether `href` only moves within the document it resolves against: empty, or a fragment alone.
+/// Against the page's own URL such a link never leaves the page, so it is never decorated (doing
+/// so would turn an in-page jump into a reload).
+pub fn is_fragment_only(href: &str) -> bool {
+    let href = href.trim_matches(is_url_edge);
+    href.is_empty() || href.starts_with('#')
+}
+
 /// A cheap filter run before any URL parsing: a link with a scheme other than http(s)
 /// (`javascript:`, `mailto:`, `tel:`, `data:`, ...) can never be a partner link. Relative links
 /// have no scheme and go on to resolution against the base.
@@ -151,8 +166,9 @@ fn param_ranges(url: &str, query: Range<usize>, param: &str) -> Vec<Range<usize>
         let range = at..at + pair.len();
         at = range.end + 1;
         let name = pair.split('=').next().unwrap_or_default();
-        let name: Cow<str> = if name.contains('+') {
-            Cow::Owned(name.replace('+', " "))
+        // Browsers drop tabs and newlines from URLs, and form decoding reads `+` as a space.
+        let name: Cow<str> = if name.contains(['+', '\t', '\n', '\r']) {
+            Cow::Owned(name.replace(is_tab_or_newline, "").replace('+', " "))
         } else {
             Cow::Borrowed(name)
         };
@@ -236,6 +252,34 @@ mod tests {
                 "HTTPS://CHECKOUT.PARTNER.COM:8443/P%20Q?B=%41&{ID}"
             )),
         );
+    }
+
+    #[test]
+    fn whitespace_only_href_on_a_partner_page_does_not_panic() {
+        // Regression: the trimmed range was computed as start > end for an all-space href.
+        let base = "https://checkout.partner.com/doc";
+        for href in [" ", "\t", "\n \r\n"] {
+            // Like an empty href it means the page itself; `rewrite` leaves such same-page links
+            // alone, but as a URL it is decorated like "".
+            check_with(Existing::Keep, base, href, Some(&format!("{href}?{ID}")));
+        }
+    }
+
+    #[test]
+    fn trailing_controls_stay_outside_the_url() {
+        check(
+            "https://checkout.partner.com/x\u{1}",
+            Some(&format!("https://checkout.partner.com/x?{ID}\u{1}")),
+        );
+        check(
+            "\u{b}https://checkout.partner.com/x",
+            Some(&format!("\u{b}https://checkout.partner.com/x?{ID}")),
+        );
+    }
+
+    #[test]
+    fn tabs_in_the_parameter_name_do_not_hide_it() {
+        check("https://checkout.partner.com/p?k\tmi=1", None);
     }
 
     #[test]

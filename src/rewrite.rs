@@ -1,9 +1,11 @@
 //! The streaming HTML rewriter: the only module that names `lol_html`. Bytes of one page go in
 //! chunk by chunk, the same bytes come out with partner links decorated.
 //!
-//! Invariant: everything that is not a decorated `href` leaves byte for byte as it came in, and
-//! no input byte is ever lost: if lol_html gives up (memory limit), it flushes what it holds
-//! unmodified and the rest of the page is passed through as is.
+//! Invariant: every tag that is not decorated leaves byte for byte as it came in. A decorated tag
+//! is re-serialised by lol_html: the `href` is written in double quotes with `&` escaped, the
+//! other attributes keep their raw text, separated by single spaces. No input byte is ever lost:
+//! if lol_html gives up (memory limit), it flushes what it holds unmodified and the rest of the
+//! page is passed through as is.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,7 +17,7 @@ use lol_html::send::{HtmlRewriter, Settings};
 use lol_html::{element, AsciiCompatibleEncoding, MemorySettings};
 use url::Url;
 
-use crate::decorate::{Decorator, Outcome};
+use crate::decorate::{self, Decorator, Outcome};
 use crate::identity::VisitorId;
 
 /// How the bytes of a page are to be read, decided from its `Content-Type` before the first byte.
@@ -225,6 +227,9 @@ impl LinkHandler {
         }
         let href = htmlize::unescape_attribute(raw.as_str());
         let base = self.base.as_ref().unwrap_or(&self.page_url);
+        if decorate::is_fragment_only(&href) && same_document(base, &self.page_url) {
+            return;
+        }
         if let Outcome::Decorated { href, .. } = self.decorator.decorate(&href, base, &self.id) {
             // lol_html escapes `"` in attribute values but not `&`, so the text written back
             // means exactly `href` to the browser.
@@ -234,6 +239,11 @@ impl LinkHandler {
             }
         }
     }
+}
+
+/// Whether two URLs name the same document (they may differ in their fragment).
+fn same_document(a: &Url, b: &Url) -> bool {
+    a[..url::Position::AfterQuery] == b[..url::Position::AfterQuery]
 }
 
 fn is_html_space(c: char) -> bool {

@@ -1,0 +1,228 @@
+//! Rewriting throughput on real pages: the proxy's rewriter (`rewrite_chunks`, partner links
+//! decorated) against lol_html with no handlers at all over the same bytes and chunks, in one
+//! criterion group per page so the report puts the two side by side.
+//!
+//! Full run:        cargo bench --bench rewrite
+//! Quick (for CI):  cargo bench --bench rewrite -- --quick
+//!   (or, with fixed short times: cargo bench --bench rewrite -- --warm-up-time 1 --measurement-time 2)
+//! One page only:   cargo bench --bench rewrite -- cloudflare
+//!
+//! The pages are every `*.html` in `$KMI_CORPUS`, by default `../shared/corpus` beside this crate.
+//! The three known pages get partners that match some of their links; any other page gets the
+//! host its absolute links point at most often. Before a page is measured, the number of links
+//! the rewriter decorated in it is printed, so a reader sees that real work was done.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kmi_proxy::config::DEFAULT_MEMORY_LIMIT;
+use kmi_proxy::decorate::{Decorator, Existing};
+use kmi_proxy::identity::VisitorId;
+use kmi_proxy::partner::{DomainPattern, PartnerSet};
+use kmi_proxy::rewrite::{rewrite_chunks, Charset, Page};
+use url::Url;
+
+/// The proxy sees the origin's body in frames of about this size.
+const CHUNK: usize = 16 * 1024;
+
+/// A decoded `km_ai` value of the usual shape (base64, so it needs encoding in a URL).
+const ID: &str = "Zk9+aB/c3Q==";
+
+/// How a known page is rewritten: the URL it was served from and the partner domains.
+struct Known {
+    file: &'static str,
+    url: &'static str,
+    partners: &'static [&'static str],
+}
+
+const KNOWN: &[Known] = &[
+    Known {
+        file: "cloudflare.com.html",
+        url: "https://www.cloudflare.com/",
+        partners: &[
+            "dash.cloudflare.com",
+            "support.cloudflare.com",
+            "community.cloudflare.com",
+        ],
+    },
+    Known {
+        // 270 of its links point at the spec's other parts on tc39.github.io.
+        file: "ecma402-spec.html",
+        url: "https://tc39.es/ecma402/",
+        partners: &["tc39.github.io"],
+    },
+    Known {
+        // Unquoted hrefs; links to the Infra, DOM and Encoding standards are cross-site.
+        file: "html-parsing-spec.html",
+        url: "https://html.spec.whatwg.org/multipage/parsing.html",
+        partners: &[
+            "infra.spec.whatwg.org",
+            "dom.spec.whatwg.org",
+            "encoding.spec.whatwg.org",
+        ],
+    },
+];
+
+/// One page ready to be measured.
+struct Subject {
+    name: String,
+    bytes: Vec<u8>,
+    decorator: Arc<Decorator>,
+    page: Page,
+}
+
+fn corpus_dir() -> PathBuf {
+    match std::env::var_os("KMI_CORPUS") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"),
+    }
+}
+
+fn subjects() -> Vec<Subject> {
+    let dir = corpus_dir();
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "the benchmark corpus {} cannot be read ({e}); set KMI_CORPUS to a directory of .html pages",
+            dir.display()
+        )
+    });
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "html"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "the benchmark corpus {} has no .html pages; set KMI_CORPUS to a directory that has some",
+        dir.display()
+    );
+    files.iter().map(|path| subject(path)).collect()
+}
+
+fn subject(path: &Path) -> Subject {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let (url, partners): (String, Vec<String>) = match KNOWN.iter().find(|k| k.file == name) {
+        Some(k) => (
+            k.url.to_owned(),
+            k.partners.iter().map(|p| p.to_string()).collect(),
+        ),
+        None => (
+            "https://localhost/".to_owned(),
+            most_linked_host(&bytes).into_iter().collect(),
+        ),
+    };
+    let mut set = PartnerSet::default();
+    set.push(
+        "bench".into(),
+        partners
+            .iter()
+            .map(|p| DomainPattern::parse(p).expect("a valid partner pattern"))
+            .collect(),
+    );
+    Subject {
+        name,
+        bytes,
+        decorator: Arc::new(Decorator {
+            partners: set,
+            param: "kmi".into(),
+            existing: Existing::Keep,
+        }),
+        page: Page {
+            url: Url::parse(&url).unwrap(),
+            charset: Charset::Sniffed,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+        },
+    }
+}
+
+/// The host that a page's absolute `href`s name most often, for pages without a known setup.
+fn most_linked_host(html: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(html);
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    for (i, _) in text.match_indices("href=") {
+        let rest = text[i + 5..].trim_start_matches(['"', '\'']);
+        let Some(after) = rest
+            .strip_prefix("https://")
+            .or_else(|| rest.strip_prefix("http://"))
+        else {
+            continue;
+        };
+        let end = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+            .unwrap_or(after.len());
+        if end > 0 {
+            *counts.entry(after[..end].to_ascii_lowercase()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .map(|(host, _)| host)
+}
+
+/// The contender: the proxy's own rewriter, as it runs for one page.
+fn rewrite(s: &Subject, id: &VisitorId) -> (Vec<u8>, usize) {
+    let (out, stats) = rewrite_chunks(
+        Arc::clone(&s.decorator),
+        id.clone(),
+        s.page.clone(),
+        &s.bytes,
+        &[CHUNK],
+    );
+    (out, stats.links_decorated())
+}
+
+/// The baseline: lol_html parsing the same bytes in the same chunks with nothing to do.
+fn baseline(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 8);
+    let mut rewriter = lol_html::HtmlRewriter::new(lol_html::Settings::default(), |c: &[u8]| {
+        out.extend_from_slice(c)
+    });
+    for chunk in input.chunks(CHUNK) {
+        rewriter.write(chunk).expect("lol_html baseline failed");
+    }
+    rewriter.end().expect("lol_html baseline failed");
+    out
+}
+
+fn bench_rewrite(c: &mut Criterion) {
+    let id = VisitorId::new(ID).unwrap();
+    for s in subjects() {
+        let (out, decorated) = rewrite(&s, &id);
+        println!(
+            "{}: {} bytes, {} link(s) decorated for partners {}, output {} bytes",
+            s.name,
+            s.bytes.len(),
+            decorated,
+            (0..s.decorator.partners.len())
+                .flat_map(|i| s.decorator.partners.patterns(i))
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            out.len()
+        );
+        if s.name == "cloudflare.com.html" {
+            assert!(decorated > 0, "no link decorated in {}", s.name);
+        }
+        assert_eq!(
+            baseline(&s.bytes),
+            s.bytes,
+            "lol_html without handlers changed {}",
+            s.name
+        );
+
+        let mut group = c.benchmark_group(&s.name);
+        group.throughput(Throughput::Bytes(s.bytes.len() as u64));
+        group.bench_function("kmi_rewrite", |b| b.iter(|| black_box(rewrite(&s, &id))));
+        group.bench_function("lol_html_no_handlers", |b| {
+            b.iter(|| black_box(baseline(black_box(&s.bytes))))
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_rewrite);
+criterion_main!(benches);
