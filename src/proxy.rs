@@ -178,7 +178,6 @@ impl Proxy {
         );
         let identity = identity::from_headers(req.headers(), &config.cookies);
         let method = req.method().clone();
-        let version = req.version();
         let upgrade = upgrade_requested(req.headers())
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let whole_page = may_be_rewritten(&method, req.headers(), &identity);
@@ -234,13 +233,21 @@ impl Proxy {
         log.status = status.as_u16();
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some((_, client_upgrade)) = upgrade {
-                return tunnel(response, client_upgrade, version, log);
+                return tunnel(response, client_upgrade, log);
             }
         }
         let page = page_url(scheme, client_host.as_deref(), &path_and_query, config);
+        // `Via` names the protocol the message arrived over: the origin's, for a response.
+        let origin_version = response.version();
         let headers = response.headers_mut();
         headers::remove_hop_by_hop(headers);
-        headers::add_via(headers, version);
+        headers::add_via(headers, origin_version);
+        if status == StatusCode::NOT_MODIFIED && whole_page {
+            // A 304 updates the headers of the copy a cache holds (RFC 9111 §4.3.4). For a page
+            // that was decorated, it must not undo `private` and the weak ETag.
+            headers::vary_on_cookie(headers);
+            headers::make_private(headers);
+        }
         self.decorate_redirects(headers, &page, identity.id());
         let decision = decide(&method, status, headers, &identity);
         if !matches!(decision, Decision::NotRewritable(_)) {
@@ -423,14 +430,14 @@ fn refresh_url(value: &str) -> Option<std::ops::Range<usize>> {
 fn tunnel(
     mut response: Response<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
-    version: http::Version,
     log: AccessLog,
 ) -> Response<ResponseBody> {
     let origin_upgrade = hyper::upgrade::on(&mut response);
     let protocol = response.headers().get(UPGRADE).cloned();
+    let origin_version = response.version();
     let headers = response.headers_mut();
     headers::remove_hop_by_hop(headers);
-    headers::add_via(headers, version);
+    headers::add_via(headers, origin_version);
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     if let Some(p) = protocol {
         headers.insert(UPGRADE, p);
