@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
+use crate::coding::{Coding, Decoder, Encoder};
 use crate::rewrite::PageRewriter;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,6 +34,8 @@ enum Kind {
 struct Rewriting {
     upstream: Incoming,
     rewriter: PageRewriter,
+    /// For a compressed page: the origin's coding undone before the rewriter, redone after it.
+    codec: Option<(Decoder, Encoder)>,
     /// Trailers from the origin, held until the rewriter's last bytes are out.
     trailers: Option<http::HeaderMap>,
     ended: bool,
@@ -53,11 +56,17 @@ impl ResponseBody {
         }
     }
 
-    pub fn rewrite(body: Incoming, rewriter: PageRewriter, log: AccessLog) -> ResponseBody {
+    pub fn rewrite(
+        body: Incoming,
+        rewriter: PageRewriter,
+        coding: Option<Coding>,
+        log: AccessLog,
+    ) -> ResponseBody {
         ResponseBody {
             kind: Kind::Rewrite(Box::new(Rewriting {
                 upstream: body,
                 rewriter,
+                codec: coding.map(|c| (Decoder::new(c), Encoder::new(c))),
                 trailers: None,
                 ended: false,
             })),
@@ -140,7 +149,7 @@ impl Rewriting {
             }
             let out = match std::task::ready!(Pin::new(&mut self.upstream).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.rewriter.write(&data),
+                    Ok(data) => self.write(&data),
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             self.trailers = Some(trailers);
@@ -153,11 +162,47 @@ impl Rewriting {
                 Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 None => {
                     self.ended = true;
-                    self.rewriter.end()
+                    self.end()
                 }
             };
-            if !out.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(out))));
+            match out {
+                Ok(out) if out.is_empty() => {}
+                Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                // A corrupt or truncated compressed body: the client's response ends in an error.
+                Err(e) => {
+                    self.ended = true;
+                    self.trailers = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
+        match &mut self.codec {
+            None => Ok(self.rewriter.write(data)),
+            Some((decoder, encoder)) => {
+                let plain = decoder.write(data)?;
+                let out = self.rewriter.write(&plain);
+                if out.is_empty() {
+                    // Nothing to flush: an empty flush would still cost a few bytes on the wire.
+                    return Ok(out);
+                }
+                encoder.write(&out)
+            }
+        }
+    }
+
+    fn end(&mut self) -> std::io::Result<Bytes> {
+        match &mut self.codec {
+            None => Ok(self.rewriter.end()),
+            Some((decoder, encoder)) => {
+                let plain = decoder.finish()?;
+                let mut out = bytes::BytesMut::from(&self.rewriter.write(&plain)[..]);
+                out.extend_from_slice(&self.rewriter.end());
+                let mut compressed = bytes::BytesMut::from(&encoder.write(&out)?[..]);
+                compressed.extend_from_slice(&encoder.finish()?);
+                Ok(compressed.freeze())
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +12,17 @@ use serde::Deserialize;
 
 use crate::decorate::{Decorator, Existing};
 use crate::partner::{DomainPattern, PartnerSet};
+use crate::tls;
 
 /// The file as operators write it. Every table is optional except `upstream`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    listen_tls: Option<String>,
     upstream: Option<String>,
+    upstream_ca: Option<String>,
+    tls: Option<RawTls>,
     preserve_host: Option<bool>,
     #[serde(default)]
     identity: RawIdentity,
@@ -51,6 +55,23 @@ struct RawTimeouts {
     upstream_response: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    hosts: Vec<String>,
+    cert: String,
+    key: String,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPartner {
@@ -66,7 +87,11 @@ pub const MIN_MEMORY_LIMIT: usize = 4096;
 /// The validated configuration. Cheap to share: the proxy holds it in an `Arc`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    /// The plain HTTP listener (HTTP/1.1 and h2c prior knowledge).
+    pub listen: Option<SocketAddr>,
+    /// The TLS listener (ALPN h2 and http/1.1); always set together with `tls`.
+    pub listen_tls: Option<SocketAddr>,
+    pub tls: Option<TlsListener>,
     pub upstream: Upstream,
     /// Forward the client's `Host` (the default: origins route virtual hosts on it) rather than
     /// the upstream's own authority.
@@ -79,12 +104,25 @@ pub struct Config {
     pub timeouts: Timeouts,
 }
 
-/// Where requests go. Only `http://` here; the scheme is kept so TLS can be added without
-/// changing callers.
+/// Where requests go.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub scheme: http::uri::Scheme,
     pub authority: http::uri::Authority,
+    /// For `https://`: rustls client settings with the bundled roots plus `upstream_ca`.
+    pub tls: Option<Arc<tls::ClientConfig>>,
+    /// The `upstream_ca` file, as configured (for `check`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The TLS listener's certificates, loaded and checked at configuration time.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub server: Arc<tls::ServerConfig>,
+    /// The default certificate's files, if any.
+    pub default_files: Option<(PathBuf, PathBuf)>,
+    /// `(hosts, cert, key)` of each SNI certificate.
+    pub sni_files: Vec<(Vec<String>, PathBuf, PathBuf)>,
 }
 
 impl fmt::Display for Upstream {
@@ -164,7 +202,13 @@ impl Config {
                 message: e.to_string().trim_end().replace('\n', "\n  "),
             }],
         })?;
-        let mut v = Validator::default();
+        let mut v = Validator {
+            problems: Vec::new(),
+            dir: Path::new(file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        };
         let config = v.config(raw);
         match config {
             Some(c) if v.problems.is_empty() => Ok(c),
@@ -176,9 +220,10 @@ impl Config {
     }
 }
 
-#[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    /// Relative paths in the file are relative to the file's own directory.
+    dir: PathBuf,
 }
 
 impl Validator {
@@ -196,17 +241,42 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
-        let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen = listen_text
-            .parse::<SocketAddr>()
-            .map_err(|e| {
+        // With no listener named at all, the plain default; a TLS-only proxy leaves `listen` out.
+        let listen_text = match (&raw.listen, &raw.listen_tls) {
+            (None, None) => Some(DEFAULT_LISTEN.to_owned()),
+            (l, _) => l.clone(),
+        };
+        let listen = listen_text.as_deref().and_then(|l| self.addr("listen", l));
+        let listen_tls = raw
+            .listen_tls
+            .as_deref()
+            .and_then(|l| self.addr("listen_tls", l));
+        let tls = match (&raw.listen_tls, raw.tls) {
+            (Some(_), Some(t)) => self.tls(t),
+            (Some(l), None) => {
+                self.problem("listen_tls", l, "needs a [tls] table with cert and key");
+                None
+            }
+            (None, Some(_)) => {
                 self.problem(
-                    "listen",
-                    &listen_text,
-                    format!("not an IP:port address ({e})"),
-                )
-            })
-            .ok();
+                    "tls",
+                    "",
+                    "a [tls] table needs listen_tls to say where to listen",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        let upstream_ca = raw.upstream_ca.and_then(|ca| {
+            let path = self.path(&ca);
+            match tls::load_roots(&path) {
+                Ok(roots) => Some((path, roots)),
+                Err(why) => {
+                    self.problem("upstream_ca", &ca, why);
+                    None
+                }
+            }
+        });
         let upstream = match raw.upstream {
             None => {
                 self.problem(
@@ -216,7 +286,7 @@ impl Validator {
                 );
                 None
             }
-            Some(u) => self.upstream(&u),
+            Some(u) => self.upstream(&u, upstream_ca),
         };
         let cookies = raw
             .identity
@@ -280,8 +350,15 @@ impl Validator {
             param,
             existing: raw.identity.existing.unwrap_or_default(),
         });
+        if (listen_text.is_some() && listen.is_none())
+            || (raw.listen_tls.is_some() && (listen_tls.is_none() || tls.is_none()))
+        {
+            return None;
+        }
         Some(Config {
-            listen: listen?,
+            listen,
+            listen_tls,
+            tls,
             upstream: upstream?,
             preserve_host: raw.preserve_host.unwrap_or(true),
             cookies,
@@ -291,7 +368,84 @@ impl Validator {
         })
     }
 
-    fn upstream(&mut self, text: &str) -> Option<Upstream> {
+    fn addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        text.parse::<SocketAddr>()
+            .map_err(|e| self.problem(key, text, format!("not an IP:port address ({e})")))
+            .ok()
+    }
+
+    fn path(&self, text: &str) -> PathBuf {
+        self.dir.join(text)
+    }
+
+    fn tls(&mut self, raw: RawTls) -> Option<TlsListener> {
+        let mut ok = true;
+        let mut load = |v: &mut Validator, key: &str, cert: &str, key_file: &str| {
+            let (c, k) = (v.path(cert), v.path(key_file));
+            match tls::load_cert(&c, &k) {
+                Ok(loaded) => Some((loaded, c, k)),
+                Err(why) => {
+                    v.problem(key, cert, why);
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let default = match (&raw.cert, &raw.key) {
+            (Some(c), Some(k)) => load(self, "tls.cert", c, k),
+            (None, None) => None,
+            (Some(c), None) => {
+                self.problem("tls.key", "", format!("missing: the private key for {c}"));
+                return None;
+            }
+            (None, Some(k)) => {
+                self.problem("tls.cert", "", format!("missing: the certificate for {k}"));
+                return None;
+            }
+        };
+        let mut sni = Vec::new();
+        let mut sni_files = Vec::new();
+        for (i, c) in raw.certificate.iter().enumerate() {
+            if c.hosts.is_empty() {
+                self.problem(
+                    format!("tls.certificate[{i}].hosts"),
+                    &c.hosts,
+                    "list at least one host name",
+                );
+            }
+            if let Some((loaded, cp, kp)) =
+                load(self, &format!("tls.certificate[{i}].cert"), &c.cert, &c.key)
+            {
+                for h in &c.hosts {
+                    sni.push((h.clone(), loaded.clone()));
+                }
+                sni_files.push((c.hosts.clone(), cp, kp));
+            }
+        }
+        if default.is_none() && raw.certificate.is_empty() {
+            self.problem(
+                "tls",
+                "",
+                "give a default certificate (cert and key) or at least one [[tls.certificate]]",
+            );
+            return None;
+        }
+        if !ok {
+            return None;
+        }
+        let default_files = default.as_ref().map(|(_, c, k)| (c.clone(), k.clone()));
+        Some(TlsListener {
+            server: tls::server_config(default.map(|(l, _, _)| l), sni),
+            default_files,
+            sni_files,
+        })
+    }
+
+    fn upstream(
+        &mut self,
+        text: &str,
+        ca: Option<(PathBuf, rustls::RootCertStore)>,
+    ) -> Option<Upstream> {
         let url = match url::Url::parse(text) {
             Ok(u) => u,
             Err(e) => {
@@ -299,10 +453,14 @@ impl Validator {
                 return None;
             }
         };
-        if url.scheme() != "http" {
-            self.problem("upstream", text, "only http:// origins are supported");
-            return None;
-        }
+        let scheme = match url.scheme() {
+            "http" => http::uri::Scheme::HTTP,
+            "https" => http::uri::Scheme::HTTPS,
+            _ => {
+                self.problem("upstream", text, "use an http:// or https:// origin");
+                return None;
+            }
+        };
         if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
             self.problem(
                 "upstream",
@@ -325,10 +483,16 @@ impl Validator {
             None => host.to_owned(),
         };
         match authority.parse() {
-            Ok(authority) => Some(Upstream {
-                scheme: http::uri::Scheme::HTTP,
-                authority,
-            }),
+            Ok(authority) => {
+                let tls = (scheme == http::uri::Scheme::HTTPS)
+                    .then(|| Arc::new(tls::client_config(ca.as_ref().map(|(_, roots)| roots))));
+                Some(Upstream {
+                    scheme,
+                    authority,
+                    tls,
+                    ca_file: ca.map(|(path, _)| path),
+                })
+            }
             Err(e) => {
                 self.problem("upstream", text, format!("not a valid authority ({e})"));
                 None
@@ -403,8 +567,16 @@ fn is_token_byte(b: u8) -> bool {
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.decorator;
-        writeln!(f, "listen = \"{}\"", self.listen)?;
+        if let Some(l) = self.listen {
+            writeln!(f, "listen = \"{l}\"")?;
+        }
+        if let Some(l) = self.listen_tls {
+            writeln!(f, "listen_tls = \"{l}\"")?;
+        }
         writeln!(f, "upstream = \"{}\"", self.upstream)?;
+        if let Some(ca) = &self.upstream.ca_file {
+            writeln!(f, "upstream_ca = {:?}", ca.display().to_string())?;
+        }
         writeln!(f, "preserve_host = {}", self.preserve_host)?;
         writeln!(f, "\n[identity]")?;
         writeln!(f, "cookies = {:?}", self.cookies)?;
@@ -426,6 +598,25 @@ impl fmt::Display for Config {
             "upstream_response = \"{}\"",
             humantime::format_duration(self.timeouts.upstream_response)
         )?;
+        if let Some(tls) = &self.tls {
+            writeln!(f, "\n[tls]")?;
+            if let Some((c, k)) = &tls.default_files {
+                writeln!(
+                    f,
+                    "cert = {:?}\nkey = {:?}",
+                    c.display().to_string(),
+                    k.display().to_string()
+                )?;
+            }
+            for (hosts, c, k) in &tls.sni_files {
+                writeln!(
+                    f,
+                    "\n[[tls.certificate]]\nhosts = {hosts:?}\ncert = {:?}\nkey = {:?}",
+                    c.display().to_string(),
+                    k.display().to_string()
+                )?;
+            }
+        }
         for i in 0..d.partners.len() {
             let domains: Vec<String> = d
                 .partners
@@ -454,8 +645,16 @@ mod tests {
 
     #[test]
     fn minimal_file_gets_the_defaults() {
-        let c = Config::parse("upstream = \"http://127.0.0.1:3000\"", "t").unwrap();
-        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        let c = Config::parse(
+            "listen = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:3000\"",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.listen.map(|l| l.to_string()).as_deref(),
+            Some(DEFAULT_LISTEN)
+        );
+        assert!(c.listen_tls.is_none() && c.tls.is_none());
         assert_eq!(c.cookies, ["km_ni", "km_ai"]);
         assert_eq!(c.decorator.param, "kmi");
         assert_eq!(c.decorator.existing, Existing::Keep);
@@ -468,7 +667,7 @@ mod tests {
         let p = problems(
             r#"
             listen = "localhost"
-            upstream = "https://origin"
+            upstream = "ftp://origin"
             [identity]
             param = "k m i"
             cookies = []
@@ -511,13 +710,15 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let p = problems("upstream = \"http://a\"\n[identity]\ncookie = [\"x\"]\n");
+        let p = problems(
+            "listen = \"127.0.0.1:1\"\nupstream = \"http://a\"\n[identity]\ncookie = [\"x\"]\n",
+        );
         assert!(
             p[0].message.contains("unknown field `cookie`"),
             "{:?}",
             p[0]
         );
-        let p = problems("upstream = \"http://a\"\n[identity]\nexisting = \"overwrite\"\n");
+        let p = problems("listen = \"127.0.0.1:1\"\nupstream = \"http://a\"\n[identity]\nexisting = \"overwrite\"\n");
         assert!(p[0].message.contains("overwrite"), "{:?}", p[0]);
     }
 

@@ -17,6 +17,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod coding;
 pub mod config;
 pub mod decorate;
 pub mod demo;
@@ -26,3 +27,5 @@ pub mod partner;
 pub mod proxy;
 pub mod rewrite;
 pub mod server;
+pub mod tls;
+pub mod upstream;

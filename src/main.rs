@@ -138,10 +138,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 async fn serve(config: Config) -> Result<()> {
     let upstream = config.upstream.to_string();
     let server = Server::bind(config).await?;
-    tracing::info!(
-        "kmi-proxy listening on http://{} for {upstream}",
-        server.local_addr()
-    );
+    if let Some(addr) = server.local_addr() {
+        tracing::info!("kmi-proxy listening on http://{addr} for {upstream}");
+    }
+    if let Some(addr) = server.tls_local_addr() {
+        tracing::info!("kmi-proxy listening on https://{addr} for {upstream}");
+    }
     server
         .run(shutdown_signal(), server::SHUTDOWN_TIMEOUT)
         .await;
@@ -161,7 +163,9 @@ async fn demo(listen: SocketAddr) -> Result<()> {
             Server::bind(kmi_proxy::demo::config(any, origin)?).await?
         }
     };
-    let addr = server.local_addr();
+    let addr = server
+        .local_addr()
+        .context("the demo has a plain listener")?;
     println!("kmi-proxy demo: origin on http://{origin}, proxy on http://{addr}");
     println!();
     println!("  Open http://{addr}/ in a browser (it sets a km_ai cookie and reloads), or run:");

@@ -1,43 +1,59 @@
 //! One request through the origin and back: the request is cleaned and forwarded, the response is
 //! classified (rewrite or pass through, and why), given cache-safe headers and streamed back.
+//! Upgrades (WebSocket) are tunnelled once the origin agrees.
 
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{
-    HeaderValue, ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+    HeaderName, HeaderValue, ACCEPT, ACCEPT_RANGES, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH,
+    CONTENT_TYPE, COOKIE, EXPECT, HOST, IF_RANGE, LOCATION, RANGE, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use url::Url;
 
 use crate::access_log::AccessLog;
 use crate::body::ResponseBody;
+use crate::coding::{self, Coding};
 use crate::config::Config;
+use crate::decorate::Outcome;
 use crate::headers;
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, VisitorId};
 use crate::rewrite::{self, Charset, Page, PageRewriter};
+use crate::upstream::{self, Origin};
 
-/// How long an idle pooled connection to the origin is kept. Below the usual origin keep-alive
-/// timeouts (nginx 75 s, Apache 5 s is the outlier) so the proxy rarely reuses a connection the
-/// origin is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const REFRESH: HeaderName = HeaderName::from_static("refresh");
+
+/// The scheme the client used to reach the proxy, which is the scheme of the page's URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
 
 /// Shared by every connection: the configuration and the pooled client to the origin.
 pub struct Proxy {
     config: Arc<Config>,
-    client: Client<HttpConnector, Incoming>,
+    origin: Origin,
 }
 
 /// Why a response is or is not rewritten. The names appear in the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Rewrite(Charset),
+    /// Rewrite, reading the page with this charset, undoing and redoing this content coding.
+    Rewrite(Charset, Option<Coding>),
     /// Not a page the rewriter could ever touch (not HTML, or a status without a page).
     NotRewritable(&'static str),
     /// A page the rewriter could touch, but not this time.
@@ -75,30 +91,61 @@ pub fn decide(
         Identity::Rejected(_) => return Decision::PageNotRewritten("id_rejected"),
         Identity::Known { .. } => {}
     }
-    let encoded = headers.get_all(CONTENT_ENCODING).iter().any(|v| {
-        v.to_str()
-            .map_or(true, |v| !v.trim().eq_ignore_ascii_case("identity"))
-    });
-    if encoded {
-        // Compressed pages go through untouched rather than corrupted.
-        return Decision::PageNotRewritten("content_encoding");
+    if has_directive(headers, "no-transform") {
+        return Decision::PageNotRewritten("no_transform");
     }
+    let coding = match coding::of(headers) {
+        coding::Encoding::Identity => None,
+        coding::Encoding::One(c) => Some(c),
+        // Unknown or stacked codings go through untouched rather than corrupted.
+        coding::Encoding::Unsupported => return Decision::PageNotRewritten("content_encoding"),
+    };
     match rewrite::charset_of(content_type) {
-        Ok(charset) => Decision::Rewrite(charset),
+        Ok(charset) => Decision::Rewrite(charset, coding),
         Err(_) => Decision::PageNotRewritten("charset"),
     }
 }
 
+fn has_directive(headers: &HeaderMap, directive: &str) -> bool {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case(directive))
+}
+
+/// Whether a request asks to switch protocols (WebSocket): `Upgrade` present and `upgrade` among
+/// the `Connection` tokens (Firefox sends `Connection: keep-alive, Upgrade`).
+fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_says_upgrade = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_says_upgrade
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten()
+}
+
+/// Whether a request could be answered with a page the proxy would rewrite: a GET for HTML (a
+/// browser navigation says so in `Accept`) from a visitor with an ID. Such requests ask the origin
+/// for the whole page, since a byte range of a page that is then rewritten would not fit together.
+fn may_be_rewritten(method: &Method, headers: &HeaderMap, identity: &Identity) -> bool {
+    method == Method::GET
+        && identity.id().is_some()
+        && headers
+            .get_all(ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|a| a.contains("text/html") || a.contains("application/xhtml+xml"))
+}
+
 impl Proxy {
     pub fn new(config: Arc<Config>) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.timeouts.upstream_connect));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
-        Proxy { config, client }
+        let origin = Origin::new(&config.upstream, config.timeouts.upstream_connect);
+        Proxy { config, origin }
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -108,10 +155,12 @@ impl Proxy {
     /// Serves one request. Never fails: every problem becomes a response with a status and a reason.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: SocketAddr,
+        scheme: Scheme,
     ) -> Response<ResponseBody> {
         let config = &self.config;
+        // HTTP/2 clients send `:authority` instead of `Host`.
         let client_host = req
             .headers()
             .get(HOST)
@@ -129,17 +178,36 @@ impl Proxy {
         );
         let identity = identity::from_headers(req.headers(), &config.cookies);
         let method = req.method().clone();
+        let upgrade = upgrade_requested(req.headers())
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+        let whole_page = may_be_rewritten(&method, req.headers(), &identity);
 
-        let upstream_req =
-            match self.upstream_request(req, client, client_host.as_deref(), &path_and_query) {
-                Ok(r) => r,
-                Err(reason) => return error_response(StatusCode::BAD_REQUEST, &reason, log),
-            };
+        let upstream_req = match self.upstream_request(
+            req,
+            client,
+            scheme,
+            client_host.as_deref(),
+            &path_and_query,
+        ) {
+            Ok(mut r) => {
+                if let Some((protocol, _)) = &upgrade {
+                    r.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    r.headers_mut().insert(UPGRADE, protocol.clone());
+                }
+                if whole_page {
+                    r.headers_mut().remove(RANGE);
+                    r.headers_mut().remove(IF_RANGE);
+                }
+                r
+            }
+            Err(reason) => return error_response(StatusCode::BAD_REQUEST, &reason, log),
+        };
 
         let sent = Instant::now();
         let result = tokio::time::timeout(
             config.timeouts.upstream_response,
-            self.client.request(upstream_req),
+            self.origin.request(upstream_req),
         )
         .await;
         log.upstream = Some(sent.elapsed());
@@ -163,11 +231,24 @@ impl Proxy {
 
         let status = response.status();
         log.status = status.as_u16();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some((_, client_upgrade)) = upgrade {
+                return tunnel(response, client_upgrade, log);
+            }
+        }
+        let page = page_url(scheme, client_host.as_deref(), &path_and_query, config);
         // `Via` names the protocol the message arrived over: the origin's, for a response.
         let origin_version = response.version();
         let headers = response.headers_mut();
         headers::remove_hop_by_hop(headers);
         headers::add_via(headers, origin_version);
+        if status == StatusCode::NOT_MODIFIED && whole_page {
+            // A 304 updates the headers of the copy a cache holds (RFC 9111 §4.3.4). For a page
+            // that was decorated, it must not undo `private` and the weak ETag.
+            headers::vary_on_cookie(headers);
+            headers::make_private(headers);
+        }
+        self.decorate_redirects(headers, &page, identity.id());
         let decision = decide(&method, status, headers, &identity);
         if !matches!(decision, Decision::NotRewritable(_)) {
             // The same URL may be decorated for another visitor: caches must key on Cookie even
@@ -177,28 +258,27 @@ impl Proxy {
         let (parts, body) = response.into_parts();
         let mut response = Response::from_parts(parts, ());
         let body = match (decision, identity.id()) {
-            (Decision::Rewrite(charset), Some(id)) => {
+            (Decision::Rewrite(charset, coding), Some(id)) => {
                 log.rewrite = "rewritten";
                 let headers = response.headers_mut();
                 headers::make_private(headers);
                 // The rewritten length is unknown up front, and anything describing the origin's
                 // exact bytes no longer holds.
-                for name in [CONTENT_LENGTH, ACCEPT_RANGES] {
-                    headers.remove(name);
-                }
+                headers.remove(CONTENT_LENGTH);
+                headers.remove(ACCEPT_RANGES);
                 for name in ["content-md5", "digest", "repr-digest", "content-digest"] {
                     headers.remove(name);
                 }
                 let page = Page {
-                    url: page_url(client_host.as_deref(), &path_and_query, config),
+                    url: page,
                     charset,
                     memory_limit: config.memory_limit,
                 };
                 let rewriter = PageRewriter::new(Arc::clone(&config.decorator), id.clone(), page);
                 log.stats = Some(rewriter.stats());
-                ResponseBody::rewrite(body, rewriter, log)
+                ResponseBody::rewrite(body, rewriter, coding, log)
             }
-            (Decision::Rewrite(_), None) => unreachable!("decide() only rewrites with an ID"),
+            (Decision::Rewrite(..), None) => unreachable!("decide() only rewrites with an ID"),
             (Decision::NotRewritable(why) | Decision::PageNotRewritten(why), _) => {
                 log.rewrite = why;
                 ResponseBody::passthrough(body, log)
@@ -207,36 +287,103 @@ impl Proxy {
         response.map(|()| body)
     }
 
+    /// A redirect into a partner's site keeps the visitor's identity like a link does: `Location`
+    /// and `Refresh` get the same matching and encoding (relative ones resolve against the page).
+    fn decorate_redirects(&self, headers: &mut HeaderMap, page: &Url, id: Option<&VisitorId>) {
+        let decorator = &self.config.decorator;
+        let mut partner_seen = false;
+        let mut decorated = false;
+        if let Some(location) = headers
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+        {
+            if decorator.partner_of(&location, page).is_some() {
+                partner_seen = true;
+                if let Some(Outcome::Decorated { href, .. }) =
+                    id.map(|id| decorator.decorate(&location, page, id))
+                {
+                    if let Ok(v) = HeaderValue::from_str(&href) {
+                        headers.insert(LOCATION, v);
+                        decorated = true;
+                    }
+                }
+            }
+        }
+        if let Some(refresh) = headers
+            .get(REFRESH)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+        {
+            if let Some(url_range) = refresh_url(&refresh) {
+                let target = &refresh[url_range.clone()];
+                if decorator.partner_of(target, page).is_some() {
+                    partner_seen = true;
+                    if let Some(Outcome::Decorated { href, .. }) =
+                        id.map(|id| decorator.decorate(target, page, id))
+                    {
+                        let new = format!(
+                            "{}{}{}",
+                            &refresh[..url_range.start],
+                            href,
+                            &refresh[url_range.end..]
+                        );
+                        if let Ok(v) = HeaderValue::from_str(&new) {
+                            headers.insert(REFRESH, v);
+                            decorated = true;
+                        }
+                    }
+                }
+            }
+        }
+        if partner_seen {
+            headers::vary_on_cookie(headers);
+        }
+        if decorated {
+            headers::make_private(headers);
+        }
+    }
+
     fn upstream_request(
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
+        scheme: Scheme,
         client_host: Option<&str>,
         path_and_query: &str,
     ) -> Result<Request<Incoming>, String> {
         let config = &self.config;
         let (mut parts, body) = req.into_parts();
-        parts.uri = Uri::builder()
-            .scheme(config.upstream.scheme.clone())
-            .authority(config.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| format!("cannot forward this request target: {e}"))?;
-        // The origin sees HTTP/1.1 from us whatever the client spoke.
-        let client_version = parts.version;
-        parts.version = http::Version::HTTP_11;
-        let h = &mut parts.headers;
-        headers::remove_hop_by_hop(h);
         let host = match (config.preserve_host, client_host) {
             (true, Some(host)) => host.to_owned(),
             _ => config.upstream.authority.to_string(),
         };
+        // The authority names the site for the origin (`Host` on HTTP/1.1, `:authority` on
+        // HTTP/2); the connection itself always goes to the configured upstream.
+        parts.uri = Uri::builder()
+            .scheme(config.upstream.scheme.clone())
+            .authority(host.as_str())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| format!("cannot forward this request (host {host:?}): {e}"))?;
+        let client_version = parts.version;
+        parts.version = http::Version::HTTP_11;
+        let h = &mut parts.headers;
+        headers::remove_hop_by_hop(h);
+        // The proxy answered any `100-continue` itself; the origin gets the body straight away.
+        h.remove(EXPECT);
+        // HTTP/2 clients may split cookies over several fields; an HTTP/1.1 origin must get one
+        // (RFC 9113 §8.2.3), and one is also valid HTTP/2.
+        join_cookies(h);
         h.insert(
             HOST,
             HeaderValue::from_str(&host).map_err(|_| "invalid Host header".to_owned())?,
         );
         headers::append_list(h, headers::X_FORWARDED_FOR, &client.ip().to_string());
-        h.insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        h.insert(
+            headers::X_FORWARDED_PROTO,
+            HeaderValue::from_static(scheme.as_str()),
+        );
         if let Some(Ok(v)) = client_host.map(HeaderValue::from_str) {
             h.insert(headers::X_FORWARDED_HOST, v);
         }
@@ -245,13 +392,84 @@ impl Proxy {
     }
 }
 
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().count() < 2 {
+        return;
+    }
+    let joined: Vec<&str> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&joined.join("; ")) {
+        headers.insert(COOKIE, v);
+    }
+}
+
+/// The byte range of the URL in a `Refresh` value such as `5; url=https://example.com/`.
+fn refresh_url(value: &str) -> Option<std::ops::Range<usize>> {
+    let after_delay = value.find([';', ','])? + 1;
+    let rest = &value[after_delay..];
+    let trimmed = rest.trim_start();
+    let mut start = after_delay + (rest.len() - trimmed.len());
+    if trimmed.len() >= 3 && trimmed[..3].eq_ignore_ascii_case("url") {
+        let after = trimmed[3..].trim_start();
+        let after_eq = after.strip_prefix('=')?;
+        start = value.len() - after_eq.trim_start().len();
+    }
+    let mut end = value.len();
+    if let Some(q @ ('"' | '\'')) = value[start..].chars().next() {
+        start += 1;
+        end = value[start..].find(q).map_or(end, |i| start + i);
+    }
+    (start < end).then_some(start..end)
+}
+
+/// After a `101 Switching Protocols` from the origin: answer the client with it and, once both
+/// sides have switched, copy bytes both ways until either closes.
+fn tunnel(
+    mut response: Response<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    log: AccessLog,
+) -> Response<ResponseBody> {
+    let origin_upgrade = hyper::upgrade::on(&mut response);
+    let protocol = response.headers().get(UPGRADE).cloned();
+    let origin_version = response.version();
+    let headers = response.headers_mut();
+    headers::remove_hop_by_hop(headers);
+    headers::add_via(headers, origin_version);
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = protocol {
+        headers.insert(UPGRADE, p);
+    }
+    tokio::spawn(async move {
+        let (client, origin) = match tokio::join!(client_upgrade, origin_upgrade) {
+            (Ok(c), Ok(o)) => (c, o),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("upgrade failed: {e}");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut origin = hyper_util::rt::TokioIo::new(origin);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut origin).await {
+            tracing::debug!("tunnel closed: {e}");
+        }
+    });
+    let mut log = log;
+    log.rewrite = "upgrade";
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, ResponseBody::full(bytes::Bytes::new(), log))
+}
+
 /// The URL the browser has for this page; relative links resolve against it.
-fn page_url(host: Option<&str>, path_and_query: &str, config: &Config) -> Url {
+fn page_url(scheme: Scheme, host: Option<&str>, path_and_query: &str, config: &Config) -> Url {
+    let s = scheme.as_str();
     let host = host.map_or_else(|| config.upstream.authority.to_string(), str::to_owned);
-    Url::parse(&format!("http://{host}{path_and_query}"))
+    Url::parse(&format!("{s}://{host}{path_and_query}"))
         .or_else(|_| {
             Url::parse(&format!(
-                "http://{}{path_and_query}",
+                "{s}://{}{path_and_query}",
                 config.upstream.authority
             ))
         })
@@ -275,16 +493,13 @@ fn error_response(status: StatusCode, reason: &str, mut log: AccessLog) -> Respo
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
 /// A one-line reason for a failed upstream request: the innermost cause, which is the one that
-/// says what happened ("Connection refused", "connect timeout", "connection reset").
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
+/// says what happened ("Connection refused", "connect timeout", a certificate problem).
+fn describe(e: &upstream::Error) -> String {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
     let mut last = None;
     while let Some(c) = cause {
@@ -302,7 +517,6 @@ fn describe(e: &hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::VisitorId;
 
     fn known() -> Identity {
         Identity::Known {
@@ -321,9 +535,10 @@ mod tests {
     fn only_successful_html_pages_with_an_id_are_rewritten() {
         let get = Method::GET;
         let ok = StatusCode::OK;
+        let utf8 = Charset::Declared(encoding_rs::UTF_8);
         assert_eq!(
             decide(&get, ok, &html("text/html"), &known()),
-            Decision::Rewrite(Charset::Sniffed)
+            Decision::Rewrite(Charset::Sniffed, None)
         );
         assert_eq!(
             decide(
@@ -332,7 +547,7 @@ mod tests {
                 &html("Application/XHTML+XML; charset=utf-8"),
                 &known()
             ),
-            Decision::Rewrite(Charset::Declared(encoding_rs::UTF_8))
+            Decision::Rewrite(utf8, None)
         );
         assert_eq!(
             decide(&get, ok, &html("application/json"), &known()),
@@ -358,20 +573,77 @@ mod tests {
             decide(&get, ok, &html("text/html"), &Identity::Absent),
             Decision::PageNotRewritten("no_id")
         );
-        let mut gz = html("text/html");
-        gz.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let mut h = html("text/html");
+        h.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
         assert_eq!(
-            decide(&get, ok, &gz, &known()),
+            decide(&get, ok, &h, &known()),
+            Decision::Rewrite(Charset::Sniffed, Some(Coding::Gzip))
+        );
+        h.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip, br"),
+        );
+        assert_eq!(
+            decide(&get, ok, &h, &known()),
             Decision::PageNotRewritten("content_encoding")
         );
-        gz.insert(CONTENT_ENCODING, HeaderValue::from_static("identity"));
+        h.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         assert_eq!(
-            decide(&get, ok, &gz, &known()),
-            Decision::Rewrite(Charset::Sniffed)
+            decide(&get, ok, &h, &known()),
+            Decision::Rewrite(Charset::Sniffed, None)
+        );
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("public, No-Transform"),
+        );
+        assert_eq!(
+            decide(&get, ok, &h, &known()),
+            Decision::PageNotRewritten("no_transform")
         );
         assert_eq!(
             decide(&get, ok, &html("text/html; charset=utf-16"), &known()),
             Decision::PageNotRewritten("charset")
+        );
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers_and_accepts_firefox_form() {
+        let mut h = HeaderMap::new();
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_requested(&h).is_none());
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert_eq!(upgrade_requested(&h).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn refresh_url_is_found_in_its_forms() {
+        for (value, url) in [
+            ("5; url=https://p.example/x", "https://p.example/x"),
+            ("0;URL='https://p.example/x'", "https://p.example/x"),
+            ("3, https://p.example/x", "https://p.example/x"),
+            ("1; url = \"/x\"", "/x"),
+        ] {
+            let r = refresh_url(value).unwrap();
+            assert_eq!(&value[r], url, "{value}");
+        }
+        assert!(refresh_url("5").is_none());
+    }
+
+    #[test]
+    fn split_cookies_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("a=1"));
+        h.append(COOKIE, HeaderValue::from_static("km_ai=x"));
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all(COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; km_ai=x"]
         );
     }
 }

@@ -129,7 +129,7 @@ fn bad_file_exits_1_naming_the_file_and_every_key_and_value_at_once() {
         "bad.toml",
         r#"
 listen = "localhost"
-upstream = "https://origin.test"
+upstream = "ftp://origin.test"
 
 [identity]
 param = "k m i"
@@ -152,7 +152,7 @@ domains = ["https://x.partner.com/"]
     );
     for problem in [
         "listen = \"localhost\"",
-        "upstream = \"https://origin.test\"",
+        "upstream = \"ftp://origin.test\"",
         "identity.param = \"k m i\"",
         "timeouts.upstream_connect = \"soon\"",
         "partner[0].domains[0] = \"https://x.partner.com/\"",
