@@ -51,12 +51,24 @@ impl Drop for AccessLog {
             path = %self.path,
             status = self.status,
             bytes = self.bytes_out,
-            upstream_ms = self.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
-            total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            upstream_ms = %Millis(self.upstream),
+            total_ms = %Millis(Some(self.started.elapsed())),
             links_decorated = links,
             rewrite = self.rewrite,
             bailed_out,
             body = self.body_outcome,
         );
+    }
+}
+
+/// A duration as milliseconds with three decimals, or `-` when there is none (no upstream call).
+struct Millis(Option<Duration>);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, "{:.3}", d.as_secs_f64() * 1000.0),
+            None => f.write_str("-"),
+        }
     }
 }

@@ -444,7 +444,7 @@ impl Validator {
     fn upstream(
         &mut self,
         text: &str,
-        ca: Option<(PathBuf, rustls::RootCertStore)>,
+        ca: Option<(PathBuf, tls::RootCertStore)>,
     ) -> Option<Upstream> {
         let url = match url::Url::parse(text) {
             Ok(u) => u,

@@ -13,7 +13,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use rustls::{ClientConfig, ServerConfig};
+pub use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// The one crypto provider. Installing it explicitly (rather than letting rustls pick from the
 /// crate features it was built with) means a second provider appearing in the dependency tree
