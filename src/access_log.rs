@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::decorate::Decorator;
 use crate::metrics::{self, Metrics, PartnerLabels, RequestLabels};
+use crate::partner::PartnerIndex;
 use crate::rewrite::RewriteStats;
 
 /// Everything known about one request; logged and counted on drop.
@@ -28,6 +29,8 @@ pub struct AccessLog {
     pub upstream_error: Option<&'static str>,
     /// Why the visitor's identity cookie was not usable, if it was not.
     pub id_rejected: Option<&'static str>,
+    /// A link decorated outside a page (a click-time redirect), by partner.
+    redirected_to: Option<PartnerIndex>,
     metrics: Arc<Metrics>,
     decorator: Arc<Decorator>,
     /// Held while the request is in flight; tells the connection it is not idle.
@@ -56,10 +59,16 @@ impl AccessLog {
             body_outcome: "complete",
             upstream_error: None,
             id_rejected: None,
+            redirected_to: None,
             metrics,
             decorator,
             _activity: None,
         }
+    }
+
+    /// Counts a decoration made outside a page, such as a click-time redirect.
+    pub fn count_link(&mut self, partner: PartnerIndex) {
+        self.redirected_to = Some(partner);
     }
 
     /// Keeps `guard` alive until the response is done.
@@ -93,6 +102,13 @@ impl AccessLog {
         }
         m.add_bytes("upstream_to_proxy", self.bytes_upstream);
         m.add_bytes("proxy_to_client", self.bytes_out);
+        if let Some(partner) = self.redirected_to {
+            m.links_decorated
+                .get_or_create(&PartnerLabels {
+                    partner: self.decorator.partners.name(partner).to_owned(),
+                })
+                .inc();
+        }
         if let Some(stats) = &self.stats {
             for (partner, n) in stats.links_by_partner().filter(|&(_, n)| n > 0) {
                 m.links_decorated

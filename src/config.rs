@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::decorate::{Decorator, Existing};
-use crate::partner::{DomainPattern, PartnerSet};
+use crate::decorate::DEFAULT_REDIRECT_PATH;
+use crate::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
+use crate::paths::PathPattern;
 use crate::tls;
 
 /// The file as operators write it. Every table is optional except `upstream`.
@@ -36,6 +38,11 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     limits: RawLimits,
+    exclude_paths: Option<Vec<String>>,
+    #[serde(default)]
+    consent: RawConsent,
+    #[serde(default)]
+    redirect: RawRedirect,
     #[serde(default)]
     partner: Vec<RawPartner>,
 }
@@ -46,6 +53,23 @@ struct RawIdentity {
     cookies: Option<Vec<String>>,
     param: Option<String>,
     existing: Option<Existing>,
+    response_header: Option<String>,
+    request_header: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsent {
+    cookie: Option<String>,
+    contains: Option<String>,
+    honor_gpc: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedirect {
+    path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +140,9 @@ struct RawCertificate {
 struct RawPartner {
     name: String,
     domains: Vec<String>,
+    forms: Option<bool>,
+    mode: Option<Mode>,
+    paths: Option<Vec<String>>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -137,6 +164,15 @@ pub struct Config {
     pub preserve_host: bool,
     /// Identity cookie names in precedence order.
     pub cookies: Vec<String>,
+    /// Server-side identity: a response header the origin sets with this page's ID (removed
+    /// before the client), and a request header a trusted front tier sets (removed before the
+    /// origin; honoured only from `trusted_proxies`).
+    pub response_header: Option<http::HeaderName>,
+    pub request_header: Option<http::HeaderName>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Request paths whose pages are never rewritten.
+    pub exclude_paths: Vec<PathPattern>,
+    pub consent: Consent,
     pub decorator: Arc<Decorator>,
     /// lol_html's buffering limit per page, in bytes.
     pub memory_limit: usize,
@@ -211,6 +247,17 @@ pub struct Timeouts {
     pub upstream_body_idle: Duration,
 }
 
+/// When a visitor's ID may be put into links.
+#[derive(Debug, Clone, Default)]
+pub struct Consent {
+    /// Decorate only when this cookie is present ...
+    pub cookie: Option<String>,
+    /// ... and, if set, its percent-decoded value contains this token.
+    pub contains: Option<String>,
+    /// A request with `Sec-GPC: 1` (Global Privacy Control) is never decorated.
+    pub honor_gpc: bool,
+}
+
 /// Resource limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -264,6 +311,22 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// Things that are valid but probably not what the operator wants, for `check` to print.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.cookies.iter().any(|c| c == "km_ni") {
+            w.push(
+                "identity.cookies forwards km_ni, KM's named identity, which is often an email address; \
+                 cookies = [\"km_ai\"] forwards only the anonymous ID"
+                    .to_owned(),
+            );
+        }
+        if self.decorator.partners.is_empty() {
+            w.push("no [[partner]] is configured: no link will ever be decorated".to_owned());
+        }
+        w
+    }
+
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
@@ -473,11 +536,56 @@ impl Validator {
             .map(|a| a.listen.unwrap_or_else(|| "127.0.0.1:9090".to_owned()))
             .and_then(|a| self.addr("admin.listen", &a));
         let partners = self.partners(raw.partner);
+        let redirect_path = raw.redirect.path.unwrap_or_else(|| DEFAULT_REDIRECT_PATH.to_owned());
+        if !redirect_path.starts_with('/') || redirect_path.contains(['?', '#', ' ']) || redirect_path == "/" {
+            self.problem("redirect.path", &redirect_path, "a path of its own on this site, like \"/_kmi/out\"");
+        }
         let decorator = Arc::new(Decorator {
             partners,
             param,
             existing: raw.identity.existing.unwrap_or_default(),
+            redirect_path,
         });
+        let header = |v: &mut Validator, key: &str, name: Option<String>| {
+            name.and_then(|n| match http::HeaderName::from_bytes(n.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    v.problem(key, &n, "not a valid header name");
+                    None
+                }
+            })
+        };
+        let response_header = header(self, "identity.response_header", raw.identity.response_header);
+        let request_header = header(self, "identity.request_header", raw.identity.request_header);
+        let mut trusted_proxies = Vec::new();
+        for (i, cidr) in raw.identity.trusted_proxies.unwrap_or_default().iter().enumerate() {
+            match cidr.parse::<ipnet::IpNet>().or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => self.problem(format!("identity.trusted_proxies[{i}]"), cidr, "not an IP address or CIDR range like \"10.0.0.0/8\""),
+            }
+        }
+        if request_header.is_some() && trusted_proxies.is_empty() {
+            self.problem(
+                "identity.trusted_proxies",
+                "[]",
+                "identity.request_header is only honoured from trusted front tiers: list their addresses",
+            );
+        }
+        let mut exclude_paths = Vec::new();
+        for (i, p) in raw.exclude_paths.unwrap_or_default().iter().enumerate() {
+            match PathPattern::parse(p) {
+                Ok(pattern) => exclude_paths.push(pattern),
+                Err(why) => self.problem(format!("exclude_paths[{i}]"), p, why),
+            }
+        }
+        let consent = Consent {
+            cookie: raw.consent.cookie,
+            contains: raw.consent.contains,
+            honor_gpc: raw.consent.honor_gpc.unwrap_or(true),
+        };
+        if consent.contains.is_some() && consent.cookie.is_none() {
+            self.problem("consent.contains", consent.contains.as_deref().unwrap_or(""), "needs consent.cookie to say which cookie to look in");
+        }
         if (listen_text.is_some() && listen.is_none())
             || (raw.listen_tls.is_some() && (listen_tls.is_none() || tls.is_none()))
         {
@@ -490,6 +598,11 @@ impl Validator {
             upstream: upstream?,
             preserve_host: raw.preserve_host.unwrap_or(true),
             cookies,
+            response_header,
+            request_header,
+            trusted_proxies,
+            exclude_paths,
+            consent,
             decorator,
             memory_limit,
             timeouts,
@@ -696,6 +809,23 @@ impl Validator {
                 }
             }
             set.push(p.name, patterns);
+            let mut paths = Vec::new();
+            for (j, path) in p.paths.unwrap_or_default().iter().enumerate() {
+                match PathPattern::parse(path) {
+                    Ok(pattern) => paths.push(pattern),
+                    Err(why) => self.problem(format!("partner[{i}].paths[{j}]"), path, why),
+                }
+            }
+            let mode = p.mode.unwrap_or_default();
+            let forms = p.forms.unwrap_or(false);
+            if forms && mode == Mode::Redirect {
+                self.problem(
+                    format!("partner[{i}].forms"),
+                    true,
+                    "forms are decorated inline only: a redirect cannot carry a form's fields; use mode = \"inline\" for this partner",
+                );
+            }
+            set.set_rules(PartnerRules { forms, mode, paths });
         }
         set
     }
@@ -726,8 +856,18 @@ impl fmt::Display for Config {
             "shutdown_timeout = \"{}\"",
             humantime::format_duration(self.shutdown_timeout)
         )?;
+        let excluded: Vec<&str> = self.exclude_paths.iter().map(PathPattern::as_str).collect();
+        writeln!(f, "exclude_paths = {excluded:?}")?;
         writeln!(f, "\n[identity]")?;
         writeln!(f, "cookies = {:?}", self.cookies)?;
+        if let Some(h) = &self.response_header {
+            writeln!(f, "response_header = {:?}", h.as_str())?;
+        }
+        if let Some(h) = &self.request_header {
+            writeln!(f, "request_header = {:?}", h.as_str())?;
+        }
+        let trusted: Vec<String> = self.trusted_proxies.iter().map(ToString::to_string).collect();
+        writeln!(f, "trusted_proxies = {trusted:?}")?;
         writeln!(f, "param = \"{}\"", d.param)?;
         let existing = match d.existing {
             Existing::Keep => "keep",
@@ -735,6 +875,15 @@ impl fmt::Display for Config {
         };
         writeln!(f, "existing = \"{existing}\"")?;
         writeln!(f, "\n[rewrite]\nmemory_limit = {}", self.memory_limit)?;
+        writeln!(f, "\n[consent]")?;
+        if let Some(c) = &self.consent.cookie {
+            writeln!(f, "cookie = {c:?}")?;
+        }
+        if let Some(c) = &self.consent.contains {
+            writeln!(f, "contains = {c:?}")?;
+        }
+        writeln!(f, "honor_gpc = {}", self.consent.honor_gpc)?;
+        writeln!(f, "\n[redirect]\npath = {:?}", d.redirect_path)?;
         let t = &self.timeouts;
         writeln!(f, "\n[timeouts]")?;
         for (key, value) in [
@@ -784,11 +933,18 @@ impl fmt::Display for Config {
                 .iter()
                 .map(|p| p.to_string())
                 .collect();
+            let rules = d.partners.rules(i);
+            let mode = match rules.mode {
+                Mode::Inline => "inline",
+                Mode::Redirect => "redirect",
+            };
+            let paths: Vec<&str> = rules.paths.iter().map(PathPattern::as_str).collect();
             writeln!(
                 f,
-                "\n[[partner]]\nname = {:?}\ndomains = {:?}",
+                "\n[[partner]]\nname = {:?}\ndomains = {:?}\nforms = {}\nmode = {mode:?}\npaths = {paths:?}",
                 d.partners.name(i),
-                domains
+                domains,
+                rules.forms
             )?;
         }
         Ok(())

@@ -12,7 +12,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::identity::VisitorId;
-use crate::partner::{PartnerIndex, PartnerSet};
+use crate::partner::{Mode, PartnerIndex, PartnerSet};
 
 /// What to do with a link that already carries the parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -32,6 +32,21 @@ pub struct Decorator {
     /// The query parameter's name; validated to be URL-safe, so it is written as is.
     pub param: String,
     pub existing: Existing,
+    /// The proxy's own click-time redirect path (`[redirect] path`), for `mode = "redirect"`.
+    pub redirect_path: String,
+}
+
+pub const DEFAULT_REDIRECT_PATH: &str = "/_kmi/out";
+
+impl Default for Decorator {
+    fn default() -> Decorator {
+        Decorator {
+            partners: PartnerSet::default(),
+            param: "kmi".into(),
+            existing: Existing::Keep,
+            redirect_path: DEFAULT_REDIRECT_PATH.into(),
+        }
+    }
 }
 
 /// The result of looking at one link.
@@ -41,7 +56,11 @@ pub enum Outcome {
     Decorated { href: String, partner: PartnerIndex },
     /// The link points at a partner and already carries the parameter (`existing = "keep"`).
     AlreadyPresent { partner: PartnerIndex },
-    /// Not an http(s) link to a partner host: left exactly as it was.
+    /// A link to a `mode = "redirect"` partner, now pointing at the proxy's redirect path.
+    Redirected { href: String, partner: PartnerIndex },
+    /// A link to an inline partner, but there is no ID (or no consent) to add.
+    NeedsId { partner: PartnerIndex },
+    /// Not an http(s) link to a partner host (or outside the partner's `paths`): left as it was.
     NotPartner,
 }
 
@@ -60,15 +79,53 @@ impl Decorator {
     /// Which partner, if any, `href` points at once resolved against `base` (the page's URL, or
     /// its `<base href>`).
     pub fn partner_of(&self, href: &str, base: &Url) -> Option<PartnerIndex> {
+        self.resolve(href, base).map(|(partner, _)| partner)
+    }
+
+    /// The partner and the absolute URL of `href`, when it points into a partner's site (its
+    /// host, and its `paths` when it has some).
+    fn resolve(&self, href: &str, base: &Url) -> Option<(PartnerIndex, Url)> {
         let href = href.trim_matches(is_url_edge);
         if !could_be_http(href) {
             return None;
         }
         let url = base.join(href).ok()?;
+        let partner = self.partner_host(&url)?;
+        let paths = &self.partners.rules(partner).paths;
+        if !paths.is_empty() && !crate::paths::any_matches(paths, url.path()) {
+            return None;
+        }
+        Some((partner, url))
+    }
+
+    /// The partner whose host an absolute http(s) URL is on (paths are not considered).
+    pub fn partner_host(&self, url: &Url) -> Option<PartnerIndex> {
         if !matches!(url.scheme(), "http" | "https") {
             return None;
         }
         self.partners.match_host(url.host_str()?)
+    }
+
+    /// What happens to a link in a page: inline partners get the ID (when there is one),
+    /// redirect partners get the proxy's redirect path whoever the visitor is.
+    pub fn decorate_link(&self, href: &str, base: &Url, id: Option<&VisitorId>) -> Outcome {
+        let Some((partner, url)) = self.resolve(href, base) else {
+            return Outcome::NotPartner;
+        };
+        match (self.partners.rules(partner).mode, id) {
+            (Mode::Redirect, _) => Outcome::Redirected {
+                href: self.redirect_href(&url),
+                partner,
+            },
+            (Mode::Inline, Some(id)) => self.decorate(href, base, id),
+            (Mode::Inline, None) => Outcome::NeedsId { partner },
+        }
+    }
+
+    /// The proxy-relative link that redirects to `destination` when clicked.
+    pub fn redirect_href(&self, destination: &Url) -> String {
+        let to: String = url::form_urlencoded::byte_serialize(destination.as_str().as_bytes()).collect();
+        format!("{}?to={to}", self.redirect_path)
     }
 
     /// Decorates `href` for `id` when it points at a partner.
@@ -195,8 +252,8 @@ mod tests {
         );
         Decorator {
             partners,
-            param: "kmi".into(),
             existing,
+            ..Decorator::default()
         }
     }
 

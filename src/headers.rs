@@ -74,14 +74,19 @@ pub fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
 
 /// Adds `Cookie` to `Vary` unless it is already there (or `Vary: *` already covers it).
 pub fn vary_on_cookie(headers: &mut HeaderMap) {
+    vary_on(headers, "Cookie");
+}
+
+/// Adds `field` to `Vary` unless it is already there (or `Vary: *` already covers it).
+pub fn vary_on(headers: &mut HeaderMap, field: &str) {
     let covered = headers
         .get_all(VARY)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|f| f.trim() == "*" || f.trim().eq_ignore_ascii_case("cookie"));
+        .any(|f| f.trim() == "*" || f.trim().eq_ignore_ascii_case(field));
     if !covered {
-        append_list(headers, VARY, "Cookie");
+        append_list(headers, VARY, field);
     }
 }
 

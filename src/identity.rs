@@ -125,20 +125,9 @@ pub fn from_headers(headers: &HeaderMap, names: &[String]) -> Identity {
     // One slot per configured name: the first non-empty occurrence of that cookie. Browsers
     // send the most specific cookie first when two share a name.
     let mut found: Vec<Option<&str>> = vec![None; names.len()];
-    for value in headers.get_all(COOKIE) {
-        let Ok(value) = value.to_str() else { continue };
-        // A malformed pair (no `=`, empty name) is skipped; the rest of the header still counts.
-        for pair in cookie::Cookie::split_parse(value).flatten() {
-            let (Some(name), Some(raw)) = (pair.name_raw(), pair.value_raw()) else {
-                continue;
-            };
-            let raw = strip_quotes(raw);
-            if raw.is_empty() {
-                continue;
-            }
-            if let Some(slot) = names.iter().position(|n| n == name) {
-                found[slot].get_or_insert(raw);
-            }
+    for (name, raw) in cookie_pairs(headers) {
+        if let Some(slot) = names.iter().position(|n| n == name) {
+            found[slot].get_or_insert(raw);
         }
     }
     match found
@@ -151,6 +140,30 @@ pub fn from_headers(headers: &HeaderMap, names: &[String]) -> Identity {
             Ok(id) => Identity::Known { id, cookie },
             Err(why) => Identity::Rejected(why),
         },
+    }
+}
+
+/// Every `name=value` pair with a non-empty value in every `Cookie` header, in order, values as
+/// sent (quotes stripped, not decoded). A malformed pair (no `=`, empty name) is skipped; the rest
+/// of the header still counts.
+pub fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| cookie::Cookie::split_parse(v).flatten())
+        .filter_map(|pair| Some((pair.name_raw()?, strip_quotes(pair.value_raw()?))))
+        .filter(|(_, raw)| !raw.is_empty())
+}
+
+/// An identity given as a header value (server-side identity), not URL-encoded.
+pub fn from_header_value(value: &http::HeaderValue) -> Identity {
+    match value.to_str() {
+        Ok(v) => match VisitorId::new(v.trim()) {
+            Ok(id) => Identity::Known { id, cookie: usize::MAX },
+            Err(why) => Identity::Rejected(why),
+        },
+        Err(_) => Identity::Rejected(Rejection::NotUtf8),
     }
 }
 

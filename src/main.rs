@@ -78,6 +78,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Check => {
             let config = Config::load(&cli.config)?;
+            for warning in config.warnings() {
+                eprintln!("kmi-proxy: warning: {warning}");
+            }
             print!("{config}");
             Ok(())
         }

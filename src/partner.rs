@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use url::Host;
 
+use crate::paths::PathPattern;
+
 /// One operator-written domain pattern after normalisation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainPattern {
@@ -75,11 +77,34 @@ fn normalize(host: &str) -> Result<String, String> {
 /// Index of a partner in the configuration, used to name it in logs and metrics.
 pub type PartnerIndex = usize;
 
+/// How a partner's links carry the ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The ID is written into the link in the page (the page is then one visitor's).
+    #[default]
+    Inline,
+    /// The link points at the proxy's redirect path, the same for every visitor; the ID is added
+    /// when the visitor clicks (the page stays cacheable).
+    Redirect,
+}
+
+/// What a partner's configuration says beyond its domains.
+#[derive(Debug, Clone, Default)]
+pub struct PartnerRules {
+    /// Also decorate forms whose action points at this partner.
+    pub forms: bool,
+    pub mode: Mode,
+    /// When not empty, only links into these destination paths are decorated.
+    pub paths: Vec<PathPattern>,
+}
+
 /// Every configured partner's patterns, arranged for a lookup per link.
 #[derive(Debug, Clone, Default)]
 pub struct PartnerSet {
     names: Vec<String>,
     patterns: Vec<Vec<DomainPattern>>,
+    rules: Vec<PartnerRules>,
     exact: HashMap<String, PartnerIndex>,
     /// `(".partner.com", index)`, longest first so the most specific partner wins.
     suffixes: Vec<(String, PartnerIndex)>,
@@ -102,6 +127,33 @@ impl PartnerSet {
             .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         self.names.push(name);
         self.patterns.push(patterns);
+        self.rules.push(PartnerRules::default());
+    }
+
+    /// Sets the rules of the partner added last.
+    pub fn set_rules(&mut self, rules: PartnerRules) {
+        if let Some(last) = self.rules.last_mut() {
+            *last = rules;
+        }
+    }
+
+    pub fn rules(&self, index: PartnerIndex) -> &PartnerRules {
+        &self.rules[index]
+    }
+
+    /// Whether any partner's links carry the ID inside the page (so a page can differ by visitor).
+    pub fn any_inline(&self) -> bool {
+        self.rules.iter().any(|r| r.mode == Mode::Inline)
+    }
+
+    /// Whether any partner uses the click-time redirect (pages are rewritten for every visitor).
+    pub fn any_redirect(&self) -> bool {
+        self.rules.iter().any(|r| r.mode == Mode::Redirect)
+    }
+
+    /// Whether any partner wants its forms decorated.
+    pub fn any_forms(&self) -> bool {
+        self.rules.iter().any(|r| r.forms && r.mode == Mode::Inline)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -23,6 +23,7 @@ use crate::decorate::Outcome;
 use crate::headers;
 use crate::identity::{self, Identity, VisitorId};
 use crate::metrics::Metrics;
+use crate::{consent, paths};
 use crate::rewrite::{self, Charset, Page, PageRewriter};
 use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
 use arc_swap::ArcSwap;
@@ -77,12 +78,15 @@ pub enum Decision {
     PageNotRewritten(&'static str),
 }
 
-/// Decides from the request and the response head alone, before any body byte.
+/// Decides from the request and the response head alone, before any body byte. `id` says whether
+/// there is an ID that may be used (else why not); `rewrites_without_id` is true when some
+/// partner's links change for every visitor (`mode = "redirect"`).
 pub fn decide(
     method: &Method,
     status: StatusCode,
     headers: &HeaderMap,
-    identity: &Identity,
+    id: Result<(), &'static str>,
+    rewrites_without_id: bool,
 ) -> Decision {
     if !status.is_success()
         || status == StatusCode::NO_CONTENT
@@ -103,10 +107,10 @@ pub fn decide(
     if method == Method::HEAD {
         return Decision::PageNotRewritten("head");
     }
-    match identity {
-        Identity::Absent => return Decision::PageNotRewritten("no_id"),
-        Identity::Rejected(_) => return Decision::PageNotRewritten("id_rejected"),
-        Identity::Known { .. } => {}
+    if let Err(why) = id {
+        if !rewrites_without_id {
+            return Decision::PageNotRewritten(why);
+        }
     }
     if has_directive(headers, "no-transform") {
         return Decision::PageNotRewritten("no_transform");
@@ -149,9 +153,8 @@ fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Whether a request could be answered with a page the proxy would rewrite: a GET for HTML (a
 /// browser navigation says so in `Accept`) from a visitor with an ID. Such requests ask the origin
 /// for the whole page, since a byte range of a page that is then rewritten would not fit together.
-fn may_be_rewritten(method: &Method, headers: &HeaderMap, identity: &Identity) -> bool {
+fn may_be_rewritten(method: &Method, headers: &HeaderMap) -> bool {
     method == Method::GET
-        && identity.id().is_some()
         && headers
             .get_all(ACCEPT)
             .iter()
@@ -261,14 +264,27 @@ impl Proxy {
             Arc::clone(&self.metrics),
             Arc::clone(&config.decorator),
         );
-        let identity = identity::from_headers(req.headers(), &config.cookies);
-        if let Identity::Rejected(why) = &identity {
-            log.id_rejected = Some(why.as_str());
+        let mut identity = identity::from_headers(req.headers(), &config.cookies);
+        // A trusted front tier may tell the proxy who the visitor is; anyone else's claim is
+        // ignored (and the header never reaches the origin either way).
+        if let Some(v) = config.request_header.as_ref().and_then(|name| req.headers().get(name)) {
+            if config.trusted_proxies.iter().any(|net| net.contains(&client.ip())) {
+                identity = identity::from_header_value(v);
+            }
         }
+        let consent = consent::allows(&config.consent, req.headers());
+        if req.uri().path() == config.decorator.redirect_path {
+            let id = usable_id(&identity, consent).ok();
+            return outbound_redirect(config, &req, id, log);
+        }
+        let excluded = paths::any_matches(&config.exclude_paths, req.uri().path());
         let method = req.method().clone();
         let upgrade = upgrade_requested(req.headers())
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-        let whole_page = may_be_rewritten(&method, req.headers(), &identity);
+        let whole_page = !excluded
+            && usable_id(&identity, consent).is_ok()
+            && config.decorator.partners.any_inline()
+            && may_be_rewritten(&method, req.headers());
 
         let upstream_req = match Self::upstream_request(
             config,
@@ -348,23 +364,40 @@ impl Proxy {
         if status == StatusCode::NOT_MODIFIED && whole_page {
             // A 304 updates the headers of the copy a cache holds (RFC 9111 §4.3.4). For a page
             // that was decorated, it must not undo `private` and the weak ETag.
-            headers::vary_on_cookie(headers);
+            vary_on_identity(headers, config);
             headers::make_private(headers);
         }
-        Self::decorate_redirects(config, headers, &page, identity.id());
-        let decision = decide(&method, status, headers, &identity);
-        if !matches!(decision, Decision::NotRewritable(_)) {
-            // The same URL may be decorated for another visitor: caches must key on Cookie even
-            // when this response was not rewritten.
-            headers::vary_on_cookie(headers);
+        // Server-side identity: the origin knows who this is; the header never reaches the client.
+        if let Some(v) = config.response_header.as_ref().and_then(|name| headers.remove(name)) {
+            identity = identity::from_header_value(&v);
+        }
+        if let Identity::Rejected(why) = &identity {
+            log.id_rejected = Some(why.as_str());
+        }
+        let id = usable_id(&identity, consent);
+        Self::decorate_redirects(config, headers, &page, id.ok());
+        let partners = &config.decorator.partners;
+        let mut decision = decide(&method, status, headers, id.map(|_| ()), partners.any_redirect());
+        if excluded && !matches!(decision, Decision::NotRewritable(_)) {
+            decision = Decision::PageNotRewritten("excluded");
+        }
+        if !excluded && !matches!(decision, Decision::NotRewritable(_)) && partners.any_inline() {
+            // The same URL may be decorated for another visitor: caches must key on Cookie (and
+            // on Global Privacy Control when it is honoured) even when this one was not.
+            vary_on_identity(headers, config);
         }
         let (parts, body) = response.into_parts();
         let mut response = Response::from_parts(parts, ());
-        let body = match (decision, identity.id()) {
-            (Decision::Rewrite(charset, coding), Some(id)) => {
+        let body = match decision {
+            Decision::Rewrite(charset, coding) => {
                 log.rewrite = "rewritten";
+                // Only inline partners put the ID into the page; redirect-mode links are the same
+                // for everyone, so such a page keeps its cache headers.
+                let id = id.ok().filter(|_| partners.any_inline()).cloned();
                 let headers = response.headers_mut();
-                headers::make_private(headers);
+                if id.is_some() {
+                    headers::make_private(headers);
+                }
                 // The rewritten length is unknown up front, and anything describing the origin's
                 // exact bytes no longer holds.
                 headers.remove(CONTENT_LENGTH);
@@ -377,7 +410,7 @@ impl Proxy {
                     charset,
                     memory_limit: config.memory_limit,
                 };
-                let rewriter = PageRewriter::new(Arc::clone(&config.decorator), id.clone(), page);
+                let rewriter = PageRewriter::new(Arc::clone(&config.decorator), id, page);
                 log.stats = Some(rewriter.stats());
                 ResponseBody::rewrite(
                     UpstreamBody::new(body, config.timeouts.upstream_body_idle),
@@ -386,8 +419,7 @@ impl Proxy {
                     log,
                 )
             }
-            (Decision::Rewrite(..), None) => unreachable!("decide() only rewrites with an ID"),
-            (Decision::NotRewritable(why) | Decision::PageNotRewritten(why), _) => {
+            Decision::NotRewritable(why) | Decision::PageNotRewritten(why) => {
                 log.rewrite = why;
                 ResponseBody::passthrough(
                     UpstreamBody::new(body, config.timeouts.upstream_body_idle),
@@ -453,7 +485,7 @@ impl Proxy {
             }
         }
         if partner_seen {
-            headers::vary_on_cookie(headers);
+            vary_on_identity(headers, config);
         }
         if decorated {
             headers::make_private(headers);
@@ -577,6 +609,70 @@ fn tunnel(
     Response::from_parts(parts, ResponseBody::full(bytes::Bytes::new(), log))
 }
 
+/// A response that may carry a visitor's ID varies on what decides it: the cookies, and Global
+/// Privacy Control when it is honoured.
+fn vary_on_identity(headers: &mut HeaderMap, config: &Config) {
+    headers::vary_on_cookie(headers);
+    if config.consent.honor_gpc {
+        headers::vary_on(headers, "Sec-GPC");
+    }
+}
+
+/// The ID to use for this request, or why there is none.
+fn usable_id<'a>(identity: &'a Identity, consent: Result<(), &'static str>) -> Result<&'a VisitorId, &'static str> {
+    match identity {
+        Identity::Known { id, .. } => consent.map(|()| id),
+        Identity::Absent => Err("no_id"),
+        Identity::Rejected(_) => Err("id_rejected"),
+    }
+}
+
+/// The click-time redirect of `mode = "redirect"` partners: `GET <redirect.path>?to=<url>` answers
+/// 302 to `<url>` with `kmi=` added for this visitor. Only to an absolute http(s) URL on a
+/// configured partner's host (anything else is 400), so it can never serve as an open redirect.
+fn outbound_redirect(config: &Config, req: &Request<Incoming>, id: Option<&VisitorId>, mut log: AccessLog) -> Response<ResponseBody> {
+    log.rewrite = "outbound_redirect";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error_response(StatusCode::METHOD_NOT_ALLOWED, "the partner redirect answers GET only", log);
+    }
+    let to = req.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "to")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(to) = to else {
+        return error_response(StatusCode::BAD_REQUEST, "missing ?to=<partner URL>", log);
+    };
+    let decorator = &config.decorator;
+    let destination = match url::Url::parse(to.trim()) {
+        Ok(url) if decorator.partner_host(&url).is_some() => url,
+        Ok(_) => return error_response(StatusCode::BAD_REQUEST, "the destination is not a configured partner", log),
+        Err(_) => return error_response(StatusCode::BAD_REQUEST, "the destination must be an absolute http(s) URL", log),
+    };
+    let location = match id.map(|id| decorator.decorate(destination.as_str(), &destination, id)) {
+        Some(Outcome::Decorated { href, partner }) => {
+            log.count_link(partner);
+            href
+        }
+        _ => destination.to_string(),
+    };
+    let Ok(location) = HeaderValue::from_str(&location) else {
+        return error_response(StatusCode::BAD_REQUEST, "the destination cannot be sent as a Location", log);
+    };
+    log.status = StatusCode::FOUND.as_u16();
+    let mut response = Response::new(ResponseBody::full(bytes::Bytes::new(), log));
+    *response.status_mut() = StatusCode::FOUND;
+    let h = response.headers_mut();
+    h.insert(LOCATION, location);
+    // One visitor's redirect: never stored, and the partner learns only this site's origin.
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("strict-origin-when-cross-origin"),
+    );
+    response
+}
+
 /// The URL the browser has for this page; relative links resolve against it.
 fn page_url(scheme: Scheme, host: Option<&str>, path_and_query: &str, config: &Config) -> Url {
     let s = scheme.as_str();
@@ -655,12 +751,6 @@ fn describe(e: &upstream::Error) -> (&'static str, String) {
 mod tests {
     use super::*;
 
-    fn known() -> Identity {
-        Identity::Known {
-            id: VisitorId::new("x").unwrap(),
-            cookie: 0,
-        }
-    }
 
     fn html(ct: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -674,7 +764,7 @@ mod tests {
         let ok = StatusCode::OK;
         let utf8 = Charset::Declared(encoding_rs::UTF_8);
         assert_eq!(
-            decide(&get, ok, &html("text/html"), &known()),
+            decide(&get, ok, &html("text/html"), Ok(()), false),
             Decision::Rewrite(Charset::Sniffed, None)
         );
         assert_eq!(
@@ -682,32 +772,33 @@ mod tests {
                 &get,
                 ok,
                 &html("Application/XHTML+XML; charset=utf-8"),
-                &known()
+                Ok(()),
+                false
             ),
             Decision::Rewrite(utf8, None)
         );
         assert_eq!(
-            decide(&get, ok, &html("application/json"), &known()),
+            decide(&get, ok, &html("application/json"), Ok(()), false),
             Decision::NotRewritable("not_html")
         );
         assert_eq!(
-            decide(&get, ok, &html("text/htmlx"), &known()),
+            decide(&get, ok, &html("text/htmlx"), Ok(()), false),
             Decision::NotRewritable("not_html")
         );
         for status in [204, 206, 301, 304, 404, 500] {
             let s = StatusCode::from_u16(status).unwrap();
             assert_eq!(
-                decide(&get, s, &html("text/html"), &known()),
+                decide(&get, s, &html("text/html"), Ok(()), false),
                 Decision::NotRewritable("status"),
                 "{status}"
             );
         }
         assert_eq!(
-            decide(&Method::HEAD, ok, &html("text/html"), &known()),
+            decide(&Method::HEAD, ok, &html("text/html"), Ok(()), false),
             Decision::PageNotRewritten("head")
         );
         assert_eq!(
-            decide(&get, ok, &html("text/html"), &Identity::Absent),
+            decide(&get, ok, &html("text/html"), Err("no_id"), false),
             Decision::PageNotRewritten("no_id")
         );
         let mut h = html("text/html");
@@ -716,7 +807,7 @@ mod tests {
             HeaderValue::from_static("gzip"),
         );
         assert_eq!(
-            decide(&get, ok, &h, &known()),
+            decide(&get, ok, &h, Ok(()), false),
             Decision::Rewrite(Charset::Sniffed, Some(Coding::Gzip))
         );
         h.insert(
@@ -724,7 +815,7 @@ mod tests {
             HeaderValue::from_static("gzip, br"),
         );
         assert_eq!(
-            decide(&get, ok, &h, &known()),
+            decide(&get, ok, &h, Ok(()), false),
             Decision::PageNotRewritten("content_encoding")
         );
         h.insert(
@@ -732,7 +823,7 @@ mod tests {
             HeaderValue::from_static("identity"),
         );
         assert_eq!(
-            decide(&get, ok, &h, &known()),
+            decide(&get, ok, &h, Ok(()), false),
             Decision::Rewrite(Charset::Sniffed, None)
         );
         h.insert(
@@ -740,12 +831,30 @@ mod tests {
             HeaderValue::from_static("public, No-Transform"),
         );
         assert_eq!(
-            decide(&get, ok, &h, &known()),
+            decide(&get, ok, &h, Ok(()), false),
             Decision::PageNotRewritten("no_transform")
         );
         assert_eq!(
-            decide(&get, ok, &html("text/html; charset=utf-16"), &known()),
+            decide(&get, ok, &html("text/html; charset=utf-16"), Ok(()), false),
             Decision::PageNotRewritten("charset")
+        );
+    }
+
+    #[test]
+    fn redirect_partners_rewrite_pages_without_an_id() {
+        let get = Method::GET;
+        let ok = StatusCode::OK;
+        assert_eq!(
+            decide(&get, ok, &html("text/html"), Err("no_id"), true),
+            Decision::Rewrite(Charset::Sniffed, None)
+        );
+        assert_eq!(
+            decide(&get, ok, &html("text/html"), Err("gpc"), false),
+            Decision::PageNotRewritten("gpc")
+        );
+        assert_eq!(
+            decide(&Method::HEAD, ok, &html("text/html"), Err("no_id"), true),
+            Decision::PageNotRewritten("head")
         );
     }
 

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use encoding_rs::Encoding;
 use lol_html::send::Element;
 use lol_html::send::{HtmlRewriter, Settings};
+use lol_html::html_content::ContentType;
 use lol_html::{element, AsciiCompatibleEncoding, MemorySettings};
 use url::Url;
 
@@ -115,7 +116,9 @@ pub struct PageRewriter {
 }
 
 impl PageRewriter {
-    pub fn new(decorator: Arc<Decorator>, id: VisitorId, page: Page) -> PageRewriter {
+    /// A rewriter for one page. Without an ID only `mode = "redirect"` partners' links change,
+    /// the same for every visitor.
+    pub fn new(decorator: Arc<Decorator>, id: Option<VisitorId>, page: Page) -> PageRewriter {
         let out = Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024)));
         let stats = Arc::new(RewriteStats::new(decorator.partners.len()));
 
@@ -136,14 +139,17 @@ impl PageRewriter {
             Charset::Declared(e) => (e, false),
             Charset::Sniffed => (encoding_rs::UTF_8, true),
         };
+        // Forms cost a selector match per `<form>`; only ask for them when a partner wants them.
+        let selector = if links.decorator.partners.any_forms() {
+            "a[href], area[href], base[href], form"
+        } else {
+            "a[href], area[href], base[href]"
+        };
         let settings = Settings::new_send()
-            .append_element_content_handler(element!(
-                "a[href], area[href], base[href]",
-                move |el| {
-                    links.handle(el);
-                    Ok(())
-                }
-            ))
+            .append_element_content_handler(element!(selector, move |el| {
+                links.handle(el);
+                Ok(())
+            }))
             .with_encoding(AsciiCompatibleEncoding::new(encoding).expect("checked by charset_of"))
             .with_adjust_charset_on_meta_tag(adjust_on_meta)
             // Ambiguous markup must never cut a page short: parse it the way browsers most likely do.
@@ -216,7 +222,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The per-page state of the `a`/`area`/`base` handler.
 struct LinkHandler {
     decorator: Arc<Decorator>,
-    id: VisitorId,
+    id: Option<VisitorId>,
     page_url: Url,
     /// The first `<base href>`, resolved against the page URL.
     base: Option<Url>,
@@ -227,36 +233,102 @@ struct LinkHandler {
 
 impl LinkHandler {
     fn handle(&mut self, el: &mut Element<'_, '_>) {
-        let Some(raw) = el.get_attribute("href") else {
-            return;
-        };
-        if el.tag_name() == "base" {
-            if !self.base_seen {
-                self.base_seen = true;
-                let href = htmlize::unescape_attribute(raw.as_str());
-                self.base = self.page_url.join(href.trim_matches(is_html_space)).ok();
-            }
+        match el.tag_name().as_str() {
+            "base" => self.set_base(el),
+            "form" => self.form(el),
+            _ => self.link(el),
+        }
+    }
+
+    fn set_base(&mut self, el: &Element<'_, '_>) {
+        if self.base_seen {
             return;
         }
+        self.base_seen = true;
+        if let Some(raw) = el.get_attribute("href") {
+            let href = htmlize::unescape_attribute(raw.as_str());
+            self.base = self.page_url.join(href.trim_matches(is_html_space)).ok();
+        }
+    }
+
+    /// The attribute's value as the browser reads it, unless it leaves the page or cannot be
+    /// written back faithfully.
+    fn target(&self, el: &Element<'_, '_>, attribute: &str) -> Option<String> {
+        let raw = el.get_attribute(attribute)?;
         // U+FFFD means bytes that are not valid in the page's encoding: writing the attribute
         // back would replace them, so such a link is left alone.
         if raw.contains('\u{FFFD}') {
+            return None;
+        }
+        let value = htmlize::unescape_attribute(raw.as_str()).into_owned();
+        if decorate::is_fragment_only(&value) && same_document(self.base(), &self.page_url) {
+            return None;
+        }
+        Some(value)
+    }
+
+    /// The URL relative links resolve against: the first `<base href>`, else the page's URL.
+    fn base(&self) -> &Url {
+        self.base.as_ref().unwrap_or(&self.page_url)
+    }
+
+    fn link(&mut self, el: &mut Element<'_, '_>) {
+        let Some(href) = self.target(el, "href") else {
+            return;
+        };
+        let (href, partner) = match self.decorator.decorate_link(&href, self.base(), self.id.as_ref()) {
+            Outcome::Decorated { href, partner } | Outcome::Redirected { href, partner } => (href, partner),
+            _ => return,
+        };
+        // lol_html escapes `"` in attribute values but not `&`, so the text written back means
+        // exactly `href` to the browser.
+        if el.set_attribute("href", &href.replace('&', "&amp;")).is_ok() {
+            self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A form whose action points at a partner with `forms = true`: a GET form gets a hidden
+    /// input (browsers replace the action's query with the form's fields on submit), a POST form
+    /// gets the parameter in its action. A form without an action submits to this page.
+    fn form(&mut self, el: &mut Element<'_, '_>) {
+        let Some(id) = self.id.as_ref() else {
+            return;
+        };
+        let Some(action) = self.target(el, "action") else {
+            return;
+        };
+        let base = self.base();
+        let Some(partner) = self.decorator.partner_of(&action, base) else {
+            return;
+        };
+        let rules = self.decorator.partners.rules(partner);
+        if !rules.forms || rules.mode != crate::partner::Mode::Inline {
             return;
         }
-        let href = htmlize::unescape_attribute(raw.as_str());
-        let base = self.base.as_ref().unwrap_or(&self.page_url);
-        if decorate::is_fragment_only(&href) && same_document(base, &self.page_url) {
-            return;
-        }
-        if let Outcome::Decorated { href, partner } = self.decorator.decorate(&href, base, &self.id)
-        {
-            // lol_html escapes `"` in attribute values but not `&`, so the text written back
-            // means exactly `href` to the browser.
-            let escaped = href.replace('&', "&amp;");
-            if el.set_attribute("href", &escaped).is_ok() {
-                self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
+        let method = el.get_attribute("method").unwrap_or_default().trim().to_ascii_lowercase();
+        match method.as_str() {
+            "post" => {
+                if let Outcome::Decorated { href, .. } = self.decorator.decorate(&action, base, id) {
+                    if el.set_attribute("action", &href.replace('&', "&amp;")).is_err() {
+                        return;
+                    }
+                } else {
+                    return;
+                }
+            }
+            // A dialog form does not navigate.
+            "dialog" => return,
+            // GET, and any missing or invalid method, which browsers treat as GET.
+            _ => {
+                let input = format!(
+                    "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                    self.decorator.param,
+                    htmlize::escape_attribute(id.as_str())
+                );
+                el.append(&input, ContentType::Html);
             }
         }
+        self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -273,12 +345,12 @@ fn is_html_space(c: char) -> bool {
 /// the given chunk sizes (cycled). For the `rewrite` command, tests and benchmarks.
 pub fn rewrite_chunks(
     decorator: Arc<Decorator>,
-    id: VisitorId,
+    id: impl Into<Option<VisitorId>>,
     page: Page,
     input: &[u8],
     chunk_sizes: &[usize],
 ) -> (Vec<u8>, Arc<RewriteStats>) {
-    let mut rewriter = PageRewriter::new(decorator, id, page);
+    let mut rewriter = PageRewriter::new(decorator, id.into(), page);
     let mut out = Vec::with_capacity(input.len() + input.len() / 8);
     let mut rest = input;
     let mut sizes = chunk_sizes.iter().copied().filter(|&s| s > 0).cycle();

@@ -29,6 +29,7 @@ fn decorator() -> Decorator {
         partners,
         param: "kmi".into(),
         existing: Existing::Keep,
+        ..Decorator::default()
     }
 }
 

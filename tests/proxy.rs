@@ -664,7 +664,7 @@ async fn rewritten_page_is_private_weakly_tagged_and_varies_on_cookie() {
     assert_eq!(rsp.status(), 200, "{}", rsp.head);
     assert_eq!(
         rsp.header("vary"),
-        Some("Accept-Encoding, Cookie"),
+        Some("Accept-Encoding, Cookie, Sec-GPC"),
         "{}",
         rsp.head
     );
@@ -688,7 +688,7 @@ async fn page_without_id_varies_on_cookie_but_keeps_its_cache_headers() {
     )
     .await;
     assert_eq!(rsp.status(), 200, "{}", rsp.head);
-    assert_eq!(rsp.header("vary"), Some("Accept-Encoding, Cookie"));
+    assert_eq!(rsp.header("vary"), Some("Accept-Encoding, Cookie, Sec-GPC"));
     assert_eq!(
         rsp.header("cache-control"),
         Some("public, max-age=60, s-maxage=600")
