@@ -1,13 +1,15 @@
-//! The access log: one line per request, written when the response body is done, through
-//! `tracing`. The visitor ID is never logged.
+//! The per-request record: filled in as the request goes, and on drop (when the response body is
+//! done) written as one access-log line through `tracing` and added to the metrics. The visitor
+//! ID is never logged.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::decorate::Decorator;
+use crate::metrics::{self, Metrics, PartnerLabels, RequestLabels};
 use crate::rewrite::RewriteStats;
 
-/// Everything known about one request, filled in as it goes; logged on drop.
-#[derive(Debug)]
+/// Everything known about one request; logged and counted on drop.
 pub struct AccessLog {
     pub method: http::Method,
     pub host: String,
@@ -16,15 +18,30 @@ pub struct AccessLog {
     pub started: Instant,
     pub upstream: Option<Duration>,
     pub bytes_out: u64,
+    pub bytes_upstream: u64,
     /// Why the page was or was not rewritten: `rewritten`, `no_id`, `not_html`, ...
     pub rewrite: &'static str,
     pub stats: Option<Arc<RewriteStats>>,
     /// How the body ended: `complete`, `upstream_error`, `client_gone`.
     pub body_outcome: &'static str,
+    /// The kind of upstream failure, if the origin could not be reached or broke off.
+    pub upstream_error: Option<&'static str>,
+    /// Why the visitor's identity cookie was not usable, if it was not.
+    pub id_rejected: Option<&'static str>,
+    metrics: Arc<Metrics>,
+    decorator: Arc<Decorator>,
+    /// Held while the request is in flight; tells the connection it is not idle.
+    _activity: Option<Box<dyn Send + Sync>>,
 }
 
 impl AccessLog {
-    pub fn start(method: http::Method, host: String, path: String) -> AccessLog {
+    pub fn start(
+        method: http::Method,
+        host: String,
+        path: String,
+        metrics: Arc<Metrics>,
+        decorator: Arc<Decorator>,
+    ) -> AccessLog {
         AccessLog {
             method,
             host,
@@ -33,15 +50,67 @@ impl AccessLog {
             started: Instant::now(),
             upstream: None,
             bytes_out: 0,
+            bytes_upstream: 0,
             rewrite: "-",
             stats: None,
             body_outcome: "complete",
+            upstream_error: None,
+            id_rejected: None,
+            metrics,
+            decorator,
+            _activity: None,
+        }
+    }
+
+    /// Keeps `guard` alive until the response is done.
+    pub fn hold(&mut self, guard: Box<dyn Send + Sync>) {
+        self._activity = Some(guard);
+    }
+
+    fn record_metrics(&self) {
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                method: self.method.as_str().to_owned(),
+                class: metrics::status_class(self.status),
+            })
+            .inc();
+        Metrics::reason(&m.responses, self.rewrite);
+        if let Some(why) = self.id_rejected {
+            Metrics::reason(&m.ids_rejected, why);
+        }
+        if let Some(kind) = self.upstream_error {
+            m.upstream_errors
+                .get_or_create(&metrics::KindLabels {
+                    kind: kind.to_owned(),
+                })
+                .inc();
+        }
+        m.request_duration
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(d) = self.upstream {
+            m.upstream_duration.observe(d.as_secs_f64());
+        }
+        m.add_bytes("upstream_to_proxy", self.bytes_upstream);
+        m.add_bytes("proxy_to_client", self.bytes_out);
+        if let Some(stats) = &self.stats {
+            for (partner, n) in stats.links_by_partner().filter(|&(_, n)| n > 0) {
+                m.links_decorated
+                    .get_or_create(&PartnerLabels {
+                        partner: self.decorator.partners.name(partner).to_owned(),
+                    })
+                    .inc_by(n as u64);
+            }
+            if stats.bailed_out() {
+                m.rewriter_bailouts.inc();
+            }
         }
     }
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        self.record_metrics();
         let links = self.stats.as_ref().map_or(0, |s| s.links_decorated());
         let bailed_out = self.stats.as_ref().is_some_and(|s| s.bailed_out());
         tracing::info!(

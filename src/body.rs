@@ -8,11 +8,11 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
 use crate::coding::{Coding, Decoder, Encoder};
 use crate::rewrite::PageRewriter;
+use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,13 +26,13 @@ enum Kind {
     /// A body made by the proxy itself (an error page); `None` once sent.
     Full(Option<Bytes>),
     /// The origin's body, untouched.
-    Passthrough(Incoming),
+    Passthrough(UpstreamBody),
     /// The origin's body through the rewriter.
     Rewrite(Box<Rewriting>),
 }
 
 struct Rewriting {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     rewriter: PageRewriter,
     /// For a compressed page: the origin's coding undone before the rewriter, redone after it.
     codec: Option<(Decoder, Encoder)>,
@@ -49,7 +49,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn passthrough(body: Incoming, log: AccessLog) -> ResponseBody {
+    pub fn passthrough(body: UpstreamBody, log: AccessLog) -> ResponseBody {
         ResponseBody {
             kind: Kind::Passthrough(body),
             log: Some(log),
@@ -57,7 +57,7 @@ impl ResponseBody {
     }
 
     pub fn rewrite(
-        body: Incoming,
+        body: UpstreamBody,
         rewriter: PageRewriter,
         coding: Option<Coding>,
         log: AccessLog,
@@ -74,6 +74,13 @@ impl ResponseBody {
         }
     }
 
+    /// Keeps `guard` alive until this body is done (see [`AccessLog::hold`]).
+    pub fn hold(&mut self, guard: Box<dyn Send + Sync>) {
+        if let Some(log) = self.log.as_mut() {
+            log.hold(guard);
+        }
+    }
+
     fn count(&mut self, frame: &Frame<Bytes>) {
         if let (Some(log), Some(data)) = (self.log.as_mut(), frame.data_ref()) {
             log.bytes_out += data.len() as u64;
@@ -81,8 +88,14 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, outcome: &'static str) {
+        let upstream_bytes = match &self.kind {
+            Kind::Full(_) => 0,
+            Kind::Passthrough(body) => body.received,
+            Kind::Rewrite(r) => r.upstream.received,
+        };
         if let Some(mut log) = self.log.take() {
             log.body_outcome = outcome;
+            log.bytes_upstream = upstream_bytes;
             drop(log);
         }
     }
@@ -99,9 +112,7 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Passthrough(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Kind::Passthrough(body) => Pin::new(body).poll_frame(cx),
             Kind::Rewrite(r) => r.poll_rewritten(cx),
         };
         match &polled {
@@ -112,7 +123,17 @@ impl Body for ResponseBody {
                     this.finish("complete");
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish("upstream_error"),
+            Poll::Ready(Some(Err(e))) => {
+                let kind = if e.is::<crate::upstream::BodyIdle>() {
+                    "body_idle"
+                } else {
+                    "reset"
+                };
+                if let Some(log) = this.log.as_mut() {
+                    log.upstream_error = Some(kind);
+                }
+                this.finish("upstream_error");
+            }
             Poll::Ready(None) => this.finish("complete"),
             Poll::Pending => {}
         }
@@ -159,7 +180,7 @@ impl Rewriting {
                 },
                 // The origin's body broke off: end the client's response with an error too, so
                 // it is never mistaken for a complete page.
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
                     self.ended = true;
                     self.end()

@@ -30,6 +30,12 @@ struct RawConfig {
     rewrite: RawRewrite,
     #[serde(default)]
     timeouts: RawTimeouts,
+    shutdown_timeout: Option<String>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    limits: RawLimits,
     #[serde(default)]
     partner: Vec<RawPartner>,
 }
@@ -51,8 +57,41 @@ struct RawRewrite {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTimeouts {
+    client_header: Option<String>,
+    client_idle: Option<String>,
     upstream_connect: Option<String>,
     upstream_response: Option<String>,
+    upstream_body_idle: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<i64>,
+    max_header_bytes: Option<i64>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +141,31 @@ pub struct Config {
     /// lol_html's buffering limit per page, in bytes.
     pub memory_limit: usize,
     pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// How long in-flight requests may run after SIGTERM before connections are dropped.
+    pub shutdown_timeout: Duration,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: Option<SocketAddr>,
+    pub log_format: LogFormat,
+}
+
+/// Values from the environment that take precedence over the file, as containers are usually
+/// configured (`KMI_PROXY_LISTEN`, `KMI_PROXY_UPSTREAM`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+}
+
+impl Overrides {
+    /// Reads `KMI_PROXY_LISTEN` and `KMI_PROXY_UPSTREAM`.
+    pub fn from_env() -> Overrides {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Overrides {
+            listen: var("KMI_PROXY_LISTEN"),
+            upstream: var("KMI_PROXY_UPSTREAM"),
+        }
+    }
 }
 
 /// Where requests go.
@@ -133,11 +197,33 @@ impl fmt::Display for Upstream {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// TCP connect to the origin; past it the request fails with 502.
+    /// A client must send a request's headers within this; it also bounds how long an HTTP/1.1
+    /// connection waits for its next request (hyper starts the same timer while it waits).
+    pub client_header: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub client_idle: Duration,
+    /// TCP connect (and TLS handshake) to the origin; past it the request fails with 502.
     pub upstream_connect: Duration,
-    /// From sending the request to the origin's response headers; past it the request gets 504.
+    /// From the end of the request body to the origin's response headers; past it, 504.
     pub upstream_response: Duration,
+    /// The longest pause between two pieces of the origin's response body; past it the client's
+    /// response ends in an error.
+    pub upstream_body_idle: Duration,
 }
+
+/// Resource limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// The largest request head accepted; a bigger one gets 431.
+    pub max_header_bytes: usize,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// hyper cannot read a request head into a buffer smaller than this.
+pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// One thing wrong with the file: where, what value, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,12 +275,21 @@ impl Config {
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        Config::parse(&text, &file)
+        Config::parse_with(&text, &file, &Overrides::from_env())
     }
 
     /// Parses and validates configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        Config::parse_with(text, file, &Overrides::default())
+    }
+
+    /// Parses with environment overrides applied on top of the file.
+    pub fn parse_with(
+        text: &str,
+        file: &str,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_owned(),
             problems: vec![Problem {
                 key: String::new(),
@@ -202,6 +297,12 @@ impl Config {
                 message: e.to_string().trim_end().replace('\n', "\n  "),
             }],
         })?;
+        if let Some(listen) = &overrides.listen {
+            raw.listen = Some(listen.clone());
+        }
+        if let Some(upstream) = &overrides.upstream {
+            raw.upstream = Some(upstream.clone());
+        }
         let mut v = Validator {
             problems: Vec::new(),
             dir: Path::new(file)
@@ -210,6 +311,14 @@ impl Config {
                 .unwrap_or_default(),
         };
         let config = v.config(raw);
+        // A value that came from the environment is reported under the variable's name.
+        for p in &mut v.problems {
+            match p.key.as_str() {
+                "listen" if overrides.listen.is_some() => p.key = "KMI_PROXY_LISTEN".into(),
+                "upstream" if overrides.upstream.is_some() => p.key = "KMI_PROXY_UPSTREAM".into(),
+                _ => {}
+            }
+        }
         match config {
             Some(c) if v.problems.is_empty() => Ok(c),
             _ => Err(ConfigError {
@@ -332,18 +441,37 @@ impl Validator {
                 DEFAULT_MEMORY_LIMIT
             }
         };
+        let t = raw.timeouts;
         let timeouts = Timeouts {
-            upstream_connect: self.duration(
-                "timeouts.upstream_connect",
-                raw.timeouts.upstream_connect,
-                5,
-            ),
-            upstream_response: self.duration(
-                "timeouts.upstream_response",
-                raw.timeouts.upstream_response,
-                30,
+            client_header: self.duration("timeouts.client_header", t.client_header, 30),
+            client_idle: self.duration("timeouts.client_idle", t.client_idle, 60),
+            upstream_connect: self.duration("timeouts.upstream_connect", t.upstream_connect, 5),
+            upstream_response: self.duration("timeouts.upstream_response", t.upstream_response, 30),
+            upstream_body_idle: self.duration(
+                "timeouts.upstream_body_idle",
+                t.upstream_body_idle,
+                60,
             ),
         };
+        let shutdown_timeout = self.duration("shutdown_timeout", raw.shutdown_timeout, 30);
+        let limits = Limits {
+            max_connections: self.count(
+                "limits.max_connections",
+                raw.limits.max_connections,
+                1,
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            max_header_bytes: self.count(
+                "limits.max_header_bytes",
+                raw.limits.max_header_bytes,
+                MIN_HEADER_BYTES,
+                DEFAULT_MAX_HEADER_BYTES,
+            ),
+        };
+        let admin = raw
+            .admin
+            .map(|a| a.listen.unwrap_or_else(|| "127.0.0.1:9090".to_owned()))
+            .and_then(|a| self.addr("admin.listen", &a));
         let partners = self.partners(raw.partner);
         let decorator = Arc::new(Decorator {
             partners,
@@ -365,6 +493,10 @@ impl Validator {
             decorator,
             memory_limit,
             timeouts,
+            limits,
+            shutdown_timeout,
+            admin,
+            log_format: raw.log.format.unwrap_or_default(),
         })
     }
 
@@ -500,6 +632,17 @@ impl Validator {
         }
     }
 
+    fn count(&mut self, key: &str, value: Option<i64>, min: usize, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(n) if n >= min as i64 => n as usize,
+            Some(n) => {
+                self.problem(key, n, format!("must be at least {min}"));
+                default
+            }
+        }
+    }
+
     fn duration(&mut self, key: &str, value: Option<String>, default_secs: u64) -> Duration {
         let Some(text) = value else {
             return Duration::from_secs(default_secs);
@@ -578,6 +721,11 @@ impl fmt::Display for Config {
             writeln!(f, "upstream_ca = {:?}", ca.display().to_string())?;
         }
         writeln!(f, "preserve_host = {}", self.preserve_host)?;
+        writeln!(
+            f,
+            "shutdown_timeout = \"{}\"",
+            humantime::format_duration(self.shutdown_timeout)
+        )?;
         writeln!(f, "\n[identity]")?;
         writeln!(f, "cookies = {:?}", self.cookies)?;
         writeln!(f, "param = \"{}\"", d.param)?;
@@ -587,17 +735,29 @@ impl fmt::Display for Config {
         };
         writeln!(f, "existing = \"{existing}\"")?;
         writeln!(f, "\n[rewrite]\nmemory_limit = {}", self.memory_limit)?;
+        let t = &self.timeouts;
         writeln!(f, "\n[timeouts]")?;
-        writeln!(
-            f,
-            "upstream_connect = \"{}\"",
-            humantime::format_duration(self.timeouts.upstream_connect)
-        )?;
-        writeln!(
-            f,
-            "upstream_response = \"{}\"",
-            humantime::format_duration(self.timeouts.upstream_response)
-        )?;
+        for (key, value) in [
+            ("client_header", t.client_header),
+            ("client_idle", t.client_idle),
+            ("upstream_connect", t.upstream_connect),
+            ("upstream_response", t.upstream_response),
+            ("upstream_body_idle", t.upstream_body_idle),
+        ] {
+            writeln!(f, "{key} = \"{}\"", humantime::format_duration(value))?;
+        }
+        writeln!(f, "\n[limits]")?;
+        writeln!(f, "max_connections = {}", self.limits.max_connections)?;
+        writeln!(f, "max_header_bytes = {}", self.limits.max_header_bytes)?;
+        writeln!(f, "\n[log]")?;
+        let format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        writeln!(f, "format = \"{format}\"")?;
+        if let Some(admin) = self.admin {
+            writeln!(f, "\n[admin]\nlisten = \"{admin}\"")?;
+        }
         if let Some(tls) = &self.tls {
             writeln!(f, "\n[tls]")?;
             if let Some((c, k)) = &tls.default_files {
@@ -705,6 +865,46 @@ mod tests {
         assert!(
             shown.contains("partner[0].domains[0] = \"https://x.com\": write a host name only"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_is_named_in_errors() {
+        let text = "listen = \"127.0.0.1:1\"\nupstream = \"http://a\"\n";
+        let env = Overrides {
+            listen: Some("0.0.0.0:8081".into()),
+            upstream: Some("https://origin.internal:8443".into()),
+        };
+        let c = Config::parse_with(text, "t", &env).unwrap();
+        assert_eq!(c.listen.unwrap().to_string(), "0.0.0.0:8081");
+        assert_eq!(c.upstream.to_string(), "https://origin.internal:8443");
+        let bad = Overrides {
+            listen: Some("nowhere".into()),
+            upstream: None,
+        };
+        let e = Config::parse_with(text, "t", &bad).unwrap_err();
+        assert_eq!(e.problems[0].key, "KMI_PROXY_LISTEN");
+        assert_eq!(e.problems[0].value, "\"nowhere\"");
+    }
+
+    #[test]
+    fn operations_settings_are_validated() {
+        let p = problems(
+            "upstream = \"http://a\"\nshutdown_timeout = \"0s\"\n[admin]\nlisten = \"x\"\n[limits]\nmax_connections = 0\nmax_header_bytes = 100\n[log]\nformat = \"xml\"\n",
+        );
+        assert!(p[0].message.contains("xml"), "{p:?}");
+        let p = problems(
+            "upstream = \"http://a\"\nshutdown_timeout = \"0s\"\n[admin]\nlisten = \"x\"\n[limits]\nmax_connections = 0\nmax_header_bytes = 100\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "shutdown_timeout",
+                "limits.max_connections",
+                "limits.max_header_bytes",
+                "admin.listen"
+            ]
         );
     }
 

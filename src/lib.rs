@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod coding;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod decorate;
 pub mod demo;
 pub mod headers;
 pub mod identity;
+pub mod metrics;
 pub mod partner;
 pub mod proxy;
 pub mod rewrite;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kmi_proxy::config::Config;
+use kmi_proxy::config::LogFormat;
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::rewrite::{self, Charset, Page};
-use kmi_proxy::server::{self, Server};
+use kmi_proxy::server::{Handle, Server};
 
 #[derive(Parser)]
 #[command(
@@ -59,13 +60,6 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -79,7 +73,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let config = Config::load(&cli.config)?;
-            runtime()?.block_on(serve(config))
+            init_logging(config.log_format);
+            runtime()?.block_on(serve(config, cli.config))
         }
         Command::Check => {
             let config = Config::load(&cli.config)?;
@@ -124,7 +119,10 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("kmi-proxy: {} link(s) decorated", stats.links_decorated());
             Ok(())
         }
-        Command::Demo { listen } => runtime()?.block_on(demo(listen)),
+        Command::Demo { listen } => {
+            init_logging(LogFormat::Text);
+            runtime()?.block_on(demo(listen))
+        }
     }
 }
 
@@ -135,7 +133,23 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn serve(config: Config) -> Result<()> {
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(config: Config, path: PathBuf) -> Result<()> {
+    // Installed before anything is announced, so a SIGHUP sent as soon as the proxy says it is
+    // listening reloads rather than kills it.
+    let signals = Signals::install()?;
     let upstream = config.upstream.to_string();
     let server = Server::bind(config).await?;
     if let Some(addr) = server.local_addr() {
@@ -144,11 +158,76 @@ async fn serve(config: Config) -> Result<()> {
     if let Some(addr) = server.tls_local_addr() {
         tracing::info!("kmi-proxy listening on https://{addr} for {upstream}");
     }
-    server
-        .run(shutdown_signal(), server::SHUTDOWN_TIMEOUT)
-        .await;
+    if let Some(addr) = server.admin_local_addr() {
+        tracing::info!("admin endpoints on http://{addr}/metrics, /healthz, /readyz");
+    }
+    let handle = server.handle();
+    server.run(signals.handle(handle, path)).await;
     tracing::info!("kmi-proxy stopped");
     Ok(())
+}
+
+/// The signals the proxy acts on.
+struct Signals {
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// Handles signals until one asks for shutdown: SIGHUP reloads the configuration file (an
+    /// invalid file is refused and the running configuration kept), SIGTERM and SIGINT return.
+    async fn handle(mut self, handle: Handle, path: PathBuf) {
+        #[cfg(unix)]
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => reload(&handle, &path),
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = (&mut self, handle, path);
+        }
+        tracing::info!(
+            "shutting down: readiness fails, no new connections, draining in-flight requests"
+        );
+    }
+}
+
+fn reload(handle: &Handle, path: &std::path::Path) {
+    match Config::load(path) {
+        Ok(config) => {
+            for warning in handle.reload(config) {
+                tracing::warn!("{warning}");
+            }
+            tracing::info!("configuration reloaded from {}", path.display());
+        }
+        Err(e) => {
+            handle.reload_refused();
+            tracing::error!("configuration reload refused, keeping the running one: {e}");
+        }
+    }
 }
 
 async fn demo(listen: SocketAddr) -> Result<()> {
@@ -177,9 +256,7 @@ async fn demo(listen: SocketAddr) -> Result<()> {
     println!(
         "  Partner links gain kmi=Zk9%2BaB%2Fc3Q%3D%3D; other links are untouched. Ctrl-C stops."
     );
-    server
-        .run(shutdown_signal(), server::SHUTDOWN_TIMEOUT)
-        .await;
+    server.run(shutdown_signal()).await;
     Ok(())
 }
 

@@ -22,8 +22,10 @@ use crate::config::Config;
 use crate::decorate::Outcome;
 use crate::headers;
 use crate::identity::{self, Identity, VisitorId};
+use crate::metrics::Metrics;
 use crate::rewrite::{self, Charset, Page, PageRewriter};
-use crate::upstream::{self, Origin};
+use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
+use arc_swap::ArcSwap;
 
 const REFRESH: HeaderName = HeaderName::from_static("refresh");
 
@@ -43,10 +45,25 @@ impl Scheme {
     }
 }
 
-/// Shared by every connection: the configuration and the pooled client to the origin.
+/// Shared by every connection: the current configuration with its origin client, and the metrics.
 pub struct Proxy {
-    config: Arc<Config>,
+    /// Swapped whole on reload; each request keeps the snapshot it started with, so in-flight
+    /// requests finish with the configuration they began under.
+    current: ArcSwap<Snapshot>,
+    metrics: Arc<Metrics>,
+}
+
+/// A configuration and the origin client built for it.
+pub struct Snapshot {
+    pub config: Arc<Config>,
     origin: Origin,
+}
+
+impl Snapshot {
+    fn new(config: Arc<Config>) -> Snapshot {
+        let origin = Origin::new(&config.upstream, config.timeouts.upstream_connect);
+        Snapshot { config, origin }
+    }
 }
 
 /// Why a response is or is not rewritten. The names appear in the access log.
@@ -144,12 +161,82 @@ fn may_be_rewritten(method: &Method, headers: &HeaderMap, identity: &Identity) -
 
 impl Proxy {
     pub fn new(config: Arc<Config>) -> Proxy {
-        let origin = Origin::new(&config.upstream, config.timeouts.upstream_connect);
-        Proxy { config, origin }
+        Proxy {
+            current: ArcSwap::from_pointee(Snapshot::new(config)),
+            metrics: Arc::new(Metrics::new()),
+        }
     }
 
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+    /// The configuration new requests use.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.current.load().config)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Makes `config` the configuration of every request from now on. Settings that only take
+    /// effect at start-up (listeners, limits, log format) are returned as warnings to report.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        let old = self.config();
+        let mut restart = Vec::new();
+        let mut check = |what: &str, before: String, after: String| {
+            if before != after {
+                restart.push(format!(
+                    "{what} changed from {before} to {after}: restart kmi-proxy to apply it"
+                ));
+            }
+        };
+        check(
+            "listen",
+            format!("{:?}", old.listen),
+            format!("{:?}", config.listen),
+        );
+        check(
+            "listen_tls",
+            format!("{:?}", old.listen_tls),
+            format!("{:?}", config.listen_tls),
+        );
+        check(
+            "admin.listen",
+            format!("{:?}", old.admin),
+            format!("{:?}", config.admin),
+        );
+        check(
+            "limits.max_connections",
+            old.limits.max_connections.to_string(),
+            config.limits.max_connections.to_string(),
+        );
+        check(
+            "limits.max_header_bytes",
+            old.limits.max_header_bytes.to_string(),
+            config.limits.max_header_bytes.to_string(),
+        );
+        check(
+            "timeouts.client_header",
+            format!("{:?}", old.timeouts.client_header),
+            format!("{:?}", config.timeouts.client_header),
+        );
+        check(
+            "timeouts.client_idle",
+            format!("{:?}", old.timeouts.client_idle),
+            format!("{:?}", config.timeouts.client_idle),
+        );
+        check(
+            "log.format",
+            format!("{:?}", old.log_format),
+            format!("{:?}", config.log_format),
+        );
+        self.current
+            .store(Arc::new(Snapshot::new(Arc::new(config))));
+        Metrics::reason(&self.metrics.config_reloads, "ok");
+        restart
+    }
+
+    /// Counts a reload that was refused because the new file was invalid.
+    pub fn reload_refused(&self) {
+        Metrics::reason(&self.metrics.config_reloads, "invalid");
     }
 
     /// Serves one request. Never fails: every problem becomes a response with a status and a reason.
@@ -159,7 +246,8 @@ impl Proxy {
         client: SocketAddr,
         scheme: Scheme,
     ) -> Response<ResponseBody> {
-        let config = &self.config;
+        let snapshot = self.current.load_full();
+        let config = &snapshot.config;
         // HTTP/2 clients send `:authority` instead of `Host`.
         let client_host = req
             .headers()
@@ -175,14 +263,20 @@ impl Proxy {
             req.method().clone(),
             client_host.clone().unwrap_or_default(),
             req.uri().path().to_owned(),
+            Arc::clone(&self.metrics),
+            Arc::clone(&config.decorator),
         );
         let identity = identity::from_headers(req.headers(), &config.cookies);
+        if let Identity::Rejected(why) = &identity {
+            log.id_rejected = Some(why.as_str());
+        }
         let method = req.method().clone();
         let upgrade = upgrade_requested(req.headers())
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let whole_page = may_be_rewritten(&method, req.headers(), &identity);
 
-        let upstream_req = match self.upstream_request(
+        let upstream_req = match Self::upstream_request(
+            config,
             req,
             client,
             scheme,
@@ -204,21 +298,35 @@ impl Proxy {
             Err(reason) => return error_response(StatusCode::BAD_REQUEST, &reason, log),
         };
 
-        let sent = Instant::now();
-        let result = tokio::time::timeout(
-            config.timeouts.upstream_response,
-            self.origin.request(upstream_req),
-        )
-        .await;
-        log.upstream = Some(sent.elapsed());
+        let (upstream_req, body_sent) = {
+            let (parts, body) = upstream_req.into_parts();
+            let (body, sent) = RequestBody::new(body);
+            (Request::from_parts(parts, body), sent)
+        };
+        let started = Instant::now();
+        let response = snapshot.origin.request(upstream_req);
+        // The wait for the origin's answer starts once the request body has been sent: a slow
+        // upload is the client's pace, not a slow origin.
+        let deadline = async {
+            let _ = body_sent.await;
+            tokio::time::sleep(config.timeouts.upstream_response).await;
+        };
+        let result = tokio::select! {
+            r = response => Ok(r),
+            () = deadline => Err(()),
+        };
+        log.upstream = Some(started.elapsed());
         let mut response = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let reason = format!("upstream {}: {}", config.upstream, describe(&e));
-                tracing::warn!(target: "kmi_proxy::upstream", %reason);
+                let (kind, detail) = describe(&e);
+                log.upstream_error = Some(kind);
+                let reason = format!("upstream {}: {detail}", config.upstream);
+                tracing::warn!(target: "kmi_proxy::upstream", kind, %reason);
                 return error_response(StatusCode::BAD_GATEWAY, &reason, log);
             }
-            Err(_) => {
+            Err(()) => {
+                log.upstream_error = Some("timeout");
                 let reason = format!(
                     "upstream {} sent no response within {}",
                     config.upstream,
@@ -248,7 +356,7 @@ impl Proxy {
             headers::vary_on_cookie(headers);
             headers::make_private(headers);
         }
-        self.decorate_redirects(headers, &page, identity.id());
+        Self::decorate_redirects(config, headers, &page, identity.id());
         let decision = decide(&method, status, headers, &identity);
         if !matches!(decision, Decision::NotRewritable(_)) {
             // The same URL may be decorated for another visitor: caches must key on Cookie even
@@ -276,12 +384,20 @@ impl Proxy {
                 };
                 let rewriter = PageRewriter::new(Arc::clone(&config.decorator), id.clone(), page);
                 log.stats = Some(rewriter.stats());
-                ResponseBody::rewrite(body, rewriter, coding, log)
+                ResponseBody::rewrite(
+                    UpstreamBody::new(body, config.timeouts.upstream_body_idle),
+                    rewriter,
+                    coding,
+                    log,
+                )
             }
             (Decision::Rewrite(..), None) => unreachable!("decide() only rewrites with an ID"),
             (Decision::NotRewritable(why) | Decision::PageNotRewritten(why), _) => {
                 log.rewrite = why;
-                ResponseBody::passthrough(body, log)
+                ResponseBody::passthrough(
+                    UpstreamBody::new(body, config.timeouts.upstream_body_idle),
+                    log,
+                )
             }
         };
         response.map(|()| body)
@@ -289,8 +405,13 @@ impl Proxy {
 
     /// A redirect into a partner's site keeps the visitor's identity like a link does: `Location`
     /// and `Refresh` get the same matching and encoding (relative ones resolve against the page).
-    fn decorate_redirects(&self, headers: &mut HeaderMap, page: &Url, id: Option<&VisitorId>) {
-        let decorator = &self.config.decorator;
+    fn decorate_redirects(
+        config: &Config,
+        headers: &mut HeaderMap,
+        page: &Url,
+        id: Option<&VisitorId>,
+    ) {
+        let decorator = &config.decorator;
         let mut partner_seen = false;
         let mut decorated = false;
         if let Some(location) = headers
@@ -345,14 +466,13 @@ impl Proxy {
     }
 
     fn upstream_request(
-        &self,
+        config: &Config,
         req: Request<Incoming>,
         client: SocketAddr,
         scheme: Scheme,
         client_host: Option<&str>,
         path_and_query: &str,
     ) -> Result<Request<Incoming>, String> {
-        let config = &self.config;
         let (mut parts, body) = req.into_parts();
         let host = match (config.preserve_host, client_host) {
             (true, Some(host)) => host.to_owned(),
@@ -499,19 +619,41 @@ fn error_response(status: StatusCode, reason: &str, mut log: AccessLog) -> Respo
 
 /// A one-line reason for a failed upstream request: the innermost cause, which is the one that
 /// says what happened ("Connection refused", "connect timeout", a certificate problem).
-fn describe(e: &upstream::Error) -> String {
+/// The kind of an upstream failure (for metrics: connect, timeout, tls, reset, other) and a
+/// one-line reason: the innermost cause, which is the one that says what happened ("Connection
+/// refused", "connect timeout", a certificate problem).
+fn describe(e: &upstream::Error) -> (&'static str, String) {
+    let mut kind = if e.is_connect() { "connect" } else { "other" };
     let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
     let mut last = None;
     while let Some(c) = cause {
+        if crate::tls::is_tls_error(c) {
+            kind = "tls";
+        } else if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                TimedOut => kind = "timeout",
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                    if kind != "tls" =>
+                {
+                    kind = "reset"
+                }
+                _ => {}
+            }
+        }
         last = Some(c);
         cause = c.source();
     }
+    if kind == "other" && e.to_string().contains("closed") {
+        kind = "reset";
+    }
     let detail = last.map_or_else(|| e.to_string(), |c| c.to_string());
-    if e.is_connect() {
+    let reason = if e.is_connect() {
         format!("cannot connect ({detail})")
     } else {
         format!("request failed ({detail})")
-    }
+    };
+    (kind, reason)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use url::Url;
 
 use crate::decorate::{self, Decorator, Outcome};
 use crate::identity::VisitorId;
+use crate::partner::PartnerIndex;
 
 /// How the bytes of a page are to be read, decided from its `Content-Type` before the first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,15 +64,32 @@ pub struct Page {
 }
 
 /// Counters a rewriter shares with whoever logs the request.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RewriteStats {
-    links_decorated: AtomicUsize,
+    /// Links decorated, indexed by partner.
+    links: Box<[AtomicUsize]>,
     bailed_out: AtomicUsize,
 }
 
 impl RewriteStats {
+    fn new(partners: usize) -> RewriteStats {
+        RewriteStats {
+            links: (0..partners).map(|_| AtomicUsize::new(0)).collect(),
+            bailed_out: AtomicUsize::new(0),
+        }
+    }
+
+    /// Links decorated in all.
     pub fn links_decorated(&self) -> usize {
-        self.links_decorated.load(Ordering::Relaxed)
+        self.links.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Links decorated for each partner, in configuration order.
+    pub fn links_by_partner(&self) -> impl Iterator<Item = (PartnerIndex, usize)> + '_ {
+        self.links
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i, n.load(Ordering::Relaxed)))
     }
 
     /// Whether the memory limit was hit and the rest of the page went through unmodified.
@@ -99,7 +117,7 @@ pub struct PageRewriter {
 impl PageRewriter {
     pub fn new(decorator: Arc<Decorator>, id: VisitorId, page: Page) -> PageRewriter {
         let out = Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024)));
-        let stats = Arc::new(RewriteStats::default());
+        let stats = Arc::new(RewriteStats::new(decorator.partners.len()));
 
         let sink_out = Arc::clone(&out);
         let sink: Sink = Box::new(move |chunk: &[u8]| {
@@ -230,12 +248,13 @@ impl LinkHandler {
         if decorate::is_fragment_only(&href) && same_document(base, &self.page_url) {
             return;
         }
-        if let Outcome::Decorated { href, .. } = self.decorator.decorate(&href, base, &self.id) {
+        if let Outcome::Decorated { href, partner } = self.decorator.decorate(&href, base, &self.id)
+        {
             // lol_html escapes `"` in attribute values but not `&`, so the text written back
             // means exactly `href` to the browser.
             let escaped = href.replace('&', "&amp;");
             if el.set_attribute("href", &escaped).is_ok() {
-                self.stats.links_decorated.fetch_add(1, Ordering::Relaxed);
+                self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -1,45 +1,67 @@
-//! Listeners, connections and shutdown: accepts TCP connections on the plain and TLS listeners,
-//! serves HTTP/1.1 and HTTP/2 (ALPN on TLS, prior knowledge on plain) with the shared [`Proxy`],
-//! and drains in-flight requests when asked to stop.
+//! Listeners, connections and shutdown: accepts TCP connections on the plain and TLS listeners
+//! (up to `limits.max_connections` at once), serves HTTP/1.1 and HTTP/2 (ALPN on TLS, prior
+//! knowledge on plain) with the shared [`Proxy`], closes idle connections, runs the admin
+//! listener, and drains in-flight requests when asked to stop.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::config::Config;
 use crate::proxy::{Proxy, Scheme};
-
-/// How long a client may take to send a request's headers before the connection is closed
-/// (a slowloris defence).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long in-flight requests may run after a shutdown signal before connections are dropped.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A bound, not yet running, proxy.
 pub struct Server {
     plain: Option<TcpListener>,
-    tls: Option<(TcpListener, TlsAcceptor)>,
+    tls: Option<TcpListener>,
+    admin: Option<TcpListener>,
     proxy: Arc<Proxy>,
+    status: Arc<admin::Status>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}")))
+}
+
+/// Controls a running proxy from outside: reloads, and the metrics.
+#[derive(Clone)]
+pub struct Handle {
+    proxy: Arc<Proxy>,
+}
+
+impl Handle {
+    /// Applies a new, already validated configuration to new requests; returns the settings that
+    /// need a restart to take effect.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        self.proxy.reload(config)
+    }
+
+    /// Records that a reload was refused (the file was invalid; the old configuration stays).
+    pub fn reload_refused(&self) {
+        self.proxy.reload_refused();
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.proxy.metrics().render()
+    }
 }
 
 impl Server {
@@ -50,16 +72,24 @@ impl Server {
             None => None,
         };
         let tls = match (config.listen_tls, &config.tls) {
-            (Some(addr), Some(tls)) => Some((
-                bind(addr, "HTTPS").await?,
-                TlsAcceptor::from(Arc::clone(&tls.server)),
-            )),
+            (Some(addr), Some(_)) => Some(bind(addr, "HTTPS").await?),
             _ => None,
         };
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr, "the admin endpoints").await?),
+            None => None,
+        };
+        let proxy = Arc::new(Proxy::new(Arc::new(config)));
+        let status = Arc::new(admin::Status {
+            metrics: Arc::clone(proxy.metrics()),
+            draining: false.into(),
+        });
         Ok(Server {
             plain,
             tls,
-            proxy: Arc::new(Proxy::new(Arc::new(config))),
+            admin,
+            proxy,
+            status,
         })
     }
 
@@ -70,50 +100,89 @@ impl Server {
 
     /// The TLS listener's address.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
-        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.tls.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and gives in-flight requests up to
-    /// `drain` to finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Duration) {
+    /// The admin listener's address.
+    pub fn admin_local_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            proxy: Arc::clone(&self.proxy),
+        }
+    }
+
+    /// Serves until `shutdown` completes; then `/readyz` fails, the listeners close, and in-flight
+    /// requests get up to `shutdown_timeout` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let config = self.proxy.config();
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        http.http2().timer(TokioTimer::new());
+            .header_read_timeout(config.timeouts.client_header)
+            .max_buf_size(config.limits.max_header_bytes);
+        http.http2().timer(TokioTimer::new()).max_header_list_size(
+            u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX),
+        );
+        let kill = CancellationToken::new();
         let shared = Arc::new(Shared {
             http,
-            proxy: self.proxy,
+            proxy: Arc::clone(&self.proxy),
             stop: stop.clone(),
             connections: connections.clone(),
+            kill: kill.clone(),
+            first_request: config
+                .timeouts
+                .client_header
+                .min(config.timeouts.client_idle),
+            permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            client_idle: config.timeouts.client_idle,
         });
+        let admin_stop = CancellationToken::new();
+        if let Some(listener) = self.admin {
+            tokio::spawn(admin::serve(
+                listener,
+                Arc::clone(&self.status),
+                admin_stop.clone(),
+            ));
+        }
         let mut accept_loops = Vec::new();
         if let Some(listener) = self.plain {
             accept_loops.push(tokio::spawn(accept_loop(
                 listener,
-                None,
+                Scheme::Http,
                 Arc::clone(&shared),
             )));
         }
-        if let Some((listener, acceptor)) = self.tls {
+        if let Some(listener) = self.tls {
             accept_loops.push(tokio::spawn(accept_loop(
                 listener,
-                Some(acceptor),
+                Scheme::Https,
                 Arc::clone(&shared),
             )));
         }
+
         shutdown.await;
+        self.status.draining.store(true, Ordering::SeqCst);
         stop.cancel();
         for l in accept_loops {
             let _ = l.await;
         }
         connections.close();
+        let drain = self.proxy.config().shutdown_timeout;
         tokio::select! {
             () = connections.wait() => {}
-            () = tokio::time::sleep(drain) => tracing::warn!("shutdown timeout reached; closing remaining connections"),
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!("shutdown timeout reached; closing remaining connections");
+                kill.cancel();
+                connections.wait().await;
+            }
         }
+        admin_stop.cancel();
     }
 }
 
@@ -125,10 +194,26 @@ struct Shared {
     stop: CancellationToken,
     /// Every connection task, so shutdown can wait for them to drain.
     connections: TaskTracker,
+    /// Cancelled when the drain time is over: connections still open are dropped.
+    kill: CancellationToken,
+    /// One permit per open client connection. An accept loop takes a permit before accepting, so
+    /// past the limit new connections wait in the kernel's backlog instead of being served badly.
+    permits: Arc<Semaphore>,
+    client_idle: Duration,
+    /// Until its first request, a connection gets this long (the client header timeout): hyper's
+    /// own header timer only starts once it has seen the first bytes.
+    first_request: Duration,
 }
 
-async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>) {
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shared.stop.cancelled() => return,
+        };
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -143,44 +228,108 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
         };
         let _ = stream.set_nodelay(true);
         let task_shared = Arc::clone(&shared);
-        let tls = tls.clone();
         shared.connections.spawn(async move {
-            match tls {
-                None => serve(TokioIo::new(stream), client, Scheme::Http, &task_shared).await,
-                Some(acceptor) => match handshake(&acceptor, stream).await {
+            let metrics = Arc::clone(task_shared.proxy.metrics());
+            metrics.open_connections.inc();
+            match scheme {
+                Scheme::Http => serve(TokioIo::new(stream), client, scheme, &task_shared).await,
+                Scheme::Https => match handshake(&task_shared.proxy, stream).await {
                     Ok(tls_stream) => {
-                        serve(
-                            TokioIo::new(tls_stream),
-                            client,
-                            Scheme::Https,
-                            &task_shared,
-                        )
-                        .await
+                        serve(TokioIo::new(tls_stream), client, scheme, &task_shared).await
                     }
                     Err(e) => tracing::debug!(%client, "TLS handshake failed: {e}"),
                 },
             }
+            metrics.open_connections.dec();
+            drop(permit);
         });
     }
 }
 
+/// Completes a TLS handshake with the certificates of the current configuration, so a reload can
+/// rotate them.
 async fn handshake(
-    acceptor: &TlsAcceptor,
+    proxy: &Proxy,
     stream: TcpStream,
 ) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let config = proxy.config();
+    let tls = config
+        .tls
+        .as_ref()
+        .ok_or_else(|| io::Error::other("the configuration no longer has a [tls] table"))?;
+    let acceptor = TlsAcceptor::from(Arc::clone(&tls.server));
     tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
+}
+
+/// Whether a connection has requests in flight, and since when it has had none.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Requests seen on this connection so far.
+    requests: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+/// Held by a request's access-log record until its response body is done.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        activity.requests.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// Completes once the connection has had no request in flight for `idle`, or for `first` before
+/// its first request.
+async fn idle_for(activity: &Activity, first: Duration, idle: Duration) {
+    let check = (first.min(idle) / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(check).await;
+        let since = *activity
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let limit = if activity.requests.load(Ordering::SeqCst) == 0 {
+            first
+        } else {
+            idle
+        };
+        if activity.in_flight.load(Ordering::SeqCst) == 0 && since.elapsed() >= limit {
+            return;
+        }
+    }
 }
 
 async fn serve<I>(io: TokioIo<I>, client: SocketAddr, scheme: Scheme, shared: &Shared)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        requests: AtomicUsize::new(0),
+        idle_since: Mutex::new(Instant::now()),
+    });
     let proxy = Arc::clone(&shared.proxy);
+    let service_activity = Arc::clone(&activity);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, client, scheme).await) }
+        let in_flight = InFlight::start(&service_activity);
+        async move {
+            let mut response = proxy.handle(req, client, scheme).await;
+            response.body_mut().hold(Box::new(in_flight));
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let connection = shared.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
@@ -188,7 +337,19 @@ where
         result = connection.as_mut() => result,
         () = shared.stop.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => result,
+                // Past the drain time the connection is dropped with whatever it still had.
+                () = shared.kill.cancelled() => Ok(()),
+            }
+        }
+        () = idle_for(&activity, shared.first_request, shared.client_idle) => {
+            tracing::debug!(%client, "closing an idle connection");
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = shared.kill.cancelled() => Ok(()),
+            }
         }
     };
     if let Err(e) = result {
@@ -202,12 +363,14 @@ pub struct Running {
     /// The plain listener's address (the TLS one's when there is no plain listener).
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub handle: Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Stops accepting and waits for the server to drain.
+    /// Begins shutdown (as SIGTERM does) and waits for the server to drain.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -220,20 +383,21 @@ impl Running {
 pub async fn spawn(config: Config) -> io::Result<Running> {
     let server = Server::bind(config).await?;
     let tls_addr = server.tls_local_addr();
+    let admin_addr = server.admin_local_addr();
     let addr = server
         .local_addr()
         .or(tls_addr)
         .ok_or_else(|| io::Error::other("no listener configured"))?;
+    let handle = server.handle();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(
-        async {
-            let _ = stopped.await;
-        },
-        SHUTDOWN_TIMEOUT,
-    ));
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
     Ok(Running {
         addr,
         tls_addr,
+        admin_addr,
+        handle,
         stop: Some(stop),
         task,
     })

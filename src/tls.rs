@@ -173,3 +173,14 @@ pub fn client_config(upstream_ca: Option<&rustls::RootCertStore>) -> ClientConfi
         .with_root_certificates(roots)
         .with_no_client_auth()
 }
+
+/// Whether an error (from anywhere in a source chain) is a TLS failure, such as a certificate
+/// that does not verify.
+pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    e.downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<rustls::Error>())
+}

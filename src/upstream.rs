@@ -8,7 +8,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -28,7 +30,7 @@ pub type Error = hyper_util::client::legacy::Error;
 /// The origin client shared by every connection.
 #[derive(Clone)]
 pub struct Origin {
-    client: Client<FixedDestination, Incoming>,
+    client: Client<FixedDestination, RequestBody>,
 }
 
 impl Origin {
@@ -69,7 +71,7 @@ impl Origin {
     /// Sends a request whose URI is `scheme://<authority for the origin>/path`.
     pub fn request(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> impl Future<Output = Result<Response<Incoming>, Error>> {
         self.client.request(req)
     }
@@ -101,5 +103,147 @@ impl tower_service::Service<Uri> for FixedDestination {
 
     fn call(&mut self, _requested: Uri) -> Self::Future {
         Box::pin(self.inner.call(self.target.clone()))
+    }
+}
+
+/// The origin's response body, with a limit on how long it may pause between frames: a stalled
+/// origin ends the client's response with an error instead of holding it open for ever.
+pub struct UpstreamBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Data bytes received so far, for the access log and metrics.
+    pub received: u64,
+}
+
+/// The origin paused its body longer than `timeouts.upstream_body_idle`.
+#[derive(Debug)]
+pub struct BodyIdle(pub Duration);
+
+impl std::fmt::Display for BodyIdle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "upstream sent nothing for {}",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for BodyIdle {}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, idle: Duration) -> UpstreamBody {
+        UpstreamBody {
+            inner,
+            idle,
+            timer: None,
+            received: 0,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(t) = this.timer.as_mut() {
+                    t.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                }
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    this.received += data.map_or(0, |d| d.len() as u64);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client's request body on its way to the origin, which says when it has been sent in full
+/// (or dropped): the wait for the origin's response headers starts then, so a slow upload is not
+/// mistaken for a slow origin.
+pub struct RequestBody {
+    inner: Incoming,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    /// The body, and a receiver that completes once it has been sent.
+    pub fn new(inner: Incoming) -> (RequestBody, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut body = RequestBody {
+            inner,
+            sent: Some(tx),
+        };
+        if body.inner.is_end_stream() {
+            body.signal();
+        }
+        (body, rx)
+    }
+
+    fn signal(&mut self) {
+        if let Some(tx) = self.sent.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended {
+            self.signal();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.signal();
     }
 }

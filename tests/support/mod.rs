@@ -430,6 +430,13 @@ domains = ["checkout.partner.com", "*.partner.net"]
     )
 }
 
+/// The configuration of [`config_text`], validated.
+pub fn config(extra: &str, origin: SocketAddr) -> Config {
+    let text = config_text(extra, origin);
+    Config::parse(&text, "test configuration")
+        .unwrap_or_else(|e| panic!("the test configuration is invalid: {e}\n{text}"))
+}
+
 /// Starts the real proxy (the same `server::spawn` the binary uses) in front of `origin`.
 pub async fn proxy(extra: &str, origin: SocketAddr) -> Running {
     proxy_to(&format!("http://{origin}"), extra).await
@@ -920,4 +927,335 @@ pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: the admin listener, connections kept open, raw sockets
+// ---------------------------------------------------------------------------------------------
+
+/// `extra` for [`proxy`] that turns the admin listener on, on a free port.
+pub const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+/// The admin listener's address; panics if the proxy was started without one.
+pub fn admin_of(proxy: &Running) -> SocketAddr {
+    proxy
+        .admin_addr
+        .expect("the proxy was started with an [admin] table")
+}
+
+/// `GET /metrics` on the proxy's admin listener: the exposition text.
+pub async fn metrics_of(proxy: &Running) -> String {
+    let rsp = get(admin_of(proxy), "/metrics").send().await;
+    assert_eq!(rsp.status(), 200, "GET /metrics");
+    text_of(rsp).await
+}
+
+/// The value of one series in an exposition text, such as
+/// `kmi_proxy_links_decorated_total{partner="checkout"}`; `None` when the series is absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        let value = value.split(' ').next().unwrap_or(value);
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("not a sample value in {line:?}")),
+        )
+    })
+}
+
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<BoxBody<Bytes, BoxError>>),
+    Http2(hyper::client::conn::http2::SendRequest<BoxBody<Bytes, BoxError>>),
+}
+
+/// A client connection the test keeps open across requests: HTTP/1.1 keep-alive, or HTTP/2 with
+/// prior knowledge (h2c).
+pub struct Conn {
+    addr: SocketAddr,
+    sender: Sender,
+    ended: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+/// Opens an HTTP/1.1 connection; no request is sent yet.
+pub async fn connect(addr: SocketAddr) -> Conn {
+    within("an HTTP/1.1 connection to the proxy", async {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP/1 handshake");
+        Conn {
+            addr,
+            sender: Sender::Http1(sender),
+            ended: tokio::spawn(connection),
+        }
+    })
+    .await
+}
+
+/// Opens an HTTP/2 connection over plain TCP (prior knowledge, as `curl --http2-prior-knowledge`).
+pub async fn connect_h2c(addr: SocketAddr) -> Conn {
+    within("an h2c connection to the proxy", async {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        Conn {
+            addr,
+            sender: Sender::Http2(sender),
+            ended: tokio::spawn(connection),
+        }
+    })
+    .await
+}
+
+impl Conn {
+    /// Sends a request on this connection and waits for the response head.
+    pub async fn send(&mut self, req: Req) -> Response<Incoming> {
+        let mut request = req.request;
+        let what = format!(
+            "the response head to {} {} on a kept-open connection",
+            request.method(),
+            request.uri()
+        );
+        let addr = self.addr;
+        within(&what, async {
+            match &mut self.sender {
+                Sender::Http1(sender) => {
+                    sender.ready().await.expect("the connection is usable");
+                    sender.send_request(request).await
+                }
+                Sender::Http2(sender) => {
+                    // HTTP/2 names the site in `:authority`, from an absolute URI.
+                    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                    *request.uri_mut() = format!("http://{addr}{path}").parse().expect("a URI");
+                    request.headers_mut().remove(HOST);
+                    sender.ready().await.expect("the connection is usable");
+                    sender.send_request(request).await
+                }
+            }
+            .expect("a response from the proxy")
+        })
+        .await
+    }
+
+    /// Closes the connection from the client's side and waits until it is gone.
+    pub async fn close(self) {
+        drop(self.sender);
+        let _ = within("the client's connection to close", self.ended).await;
+    }
+
+    /// Waits, with the connection left open on the client's side, until the proxy ends it;
+    /// `Ok` for a clean close (end of stream, or GOAWAY on HTTP/2).
+    pub async fn closed_by_proxy(self) -> Result<(), hyper::Error> {
+        let Conn { sender, ended, .. } = self;
+        let result = within("the proxy to close the connection", ended)
+            .await
+            .expect("the connection task");
+        drop(sender);
+        result
+    }
+}
+
+/// Reads until the other side closes the connection (end of stream or reset): the bytes that
+/// came, and the error the connection ended with, if any.
+pub async fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Option<io::Error>) {
+    within("the proxy to close the connection", async {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return (all, None),
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e) => return (all, Some(e)),
+            }
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary
+// ---------------------------------------------------------------------------------------------
+
+/// A directory of its own under the system temp dir, removed when dropped.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "kmi-proxy-test-{label}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create a temp dir");
+        TempDir(path)
+    }
+
+    /// Writes (or overwrites) a file in the directory.
+    pub fn file(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write a temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `kmi-proxy` binary about to run with `--config <file>`.
+pub struct BinaryBuilder {
+    cmd: std::process::Command,
+}
+
+/// The real binary, with nothing inherited from the environment that could change its mind.
+pub fn binary(config: &std::path::Path) -> BinaryBuilder {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kmi-proxy"));
+    cmd.arg("--config")
+        .arg(config)
+        .env_remove("KMI_PROXY_CONFIG")
+        .env_remove("KMI_PROXY_LISTEN")
+        .env_remove("KMI_PROXY_UPSTREAM")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    BinaryBuilder { cmd }
+}
+
+impl BinaryBuilder {
+    pub fn env(mut self, name: &str, value: &str) -> BinaryBuilder {
+        self.cmd.env(name, value);
+        self
+    }
+
+    /// Starts the process and waits for the log line saying where it listens: from then on it
+    /// accepts connections.
+    pub async fn start(mut self) -> Binary {
+        let mut child = self.cmd.spawn().expect("start kmi-proxy");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let all = Arc::clone(&log);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                all.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut binary = Binary {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            pid: child.id(),
+            child: Some(child),
+            lines,
+            log,
+        };
+        let line = binary
+            .log_line("where it listens", |l| l.contains("listening on http://"))
+            .await;
+        let addr = line
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|rest| rest.split([' ', '"']).next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        binary.addr = addr;
+        binary
+    }
+}
+
+/// A running `kmi-proxy` process whose log (stderr) is read line by line as it comes. Killed
+/// when dropped, so a failing test leaves nothing behind.
+pub struct Binary {
+    /// The plain listener, as the process logged it.
+    pub addr: SocketAddr,
+    pub pid: u32,
+    child: Option<std::process::Child>,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    /// Sends a signal (`"HUP"`, `"TERM"`) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid);
+    }
+
+    /// Waits for the next log line that satisfies `wanted` and returns it; panics with the log so
+    /// far if the process ends or [`PATIENCE`] passes first.
+    pub async fn log_line(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let lines = &mut self.lines;
+        let found = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.recv().await {
+                if wanted(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!(
+                "kmi-proxy closed its log without a line {what}; log:\n{}",
+                self.log().join("\n")
+            ),
+            Err(_) => panic!(
+                "timed out after {PATIENCE:?} waiting for a log line {what}; log:\n{}",
+                self.log().join("\n")
+            ),
+        }
+    }
+
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn exit_status(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the process is ours");
+        let waited =
+            tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait())).await;
+        match waited {
+            Ok(Ok(Ok(status))) => status,
+            other => {
+                let _ = std::process::Command::new("kill")
+                    .arg("-KILL")
+                    .arg(self.pid.to_string())
+                    .status();
+                panic!(
+                    "kmi-proxy did not exit ({other:?}); log:\n{}",
+                    self.log().join("\n")
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
