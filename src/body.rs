@@ -112,9 +112,7 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Passthrough(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Kind::Passthrough(body) => Pin::new(body).poll_frame(cx),
             Kind::Rewrite(r) => r.poll_rewritten(cx),
         };
         match &polled {
@@ -182,7 +180,7 @@ impl Rewriting {
                 },
                 // The origin's body broke off: end the client's response with an error too, so
                 // it is never mistaken for a complete page.
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
                     self.ended = true;
                     self.end()

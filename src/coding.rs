@@ -67,7 +67,11 @@ pub fn of(headers: &HeaderMap) -> Encoding {
 }
 
 /// A decoder that takes compressed chunks and gives back what they decode to so far.
-pub struct Decoder(DecoderKind);
+pub struct Decoder {
+    kind: DecoderKind,
+    /// An empty body is an empty page, not a truncated stream, whatever the coding says.
+    saw_input: bool,
+}
 
 enum DecoderKind {
     Gzip(flate2::write::GzDecoder<Vec<u8>>),
@@ -119,7 +123,7 @@ fn truncated(what: &str) -> std::io::Error {
 
 impl Decoder {
     pub fn new(coding: Coding) -> Decoder {
-        Decoder(match coding {
+        let kind = match coding {
             Coding::Gzip => DecoderKind::Gzip(flate2::write::GzDecoder::new(Vec::new())),
             Coding::Deflate => DecoderKind::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
             Coding::Brotli => DecoderKind::Brotli(Box::new(brotli::DecompressorWriter::new(
@@ -132,12 +136,17 @@ impl Decoder {
                 saw_input: false,
                 scratch: vec![0; 32 * 1024],
             })),
-        })
+        };
+        Decoder {
+            kind,
+            saw_input: false,
+        }
     }
 
     /// Decodes one chunk; returns the bytes it completed (possibly none).
     pub fn write(&mut self, chunk: &[u8]) -> std::io::Result<Bytes> {
-        match &mut self.0 {
+        self.saw_input |= !chunk.is_empty();
+        match &mut self.kind {
             DecoderKind::Gzip(d) => {
                 // The writers hold decoded bytes internally until flushed.
                 d.write_all(chunk)?;
@@ -162,7 +171,10 @@ impl Decoder {
 
     /// Ends the stream: the last bytes, or an error if the compressed stream was cut short.
     pub fn finish(&mut self) -> std::io::Result<Bytes> {
-        match &mut self.0 {
+        if !self.saw_input {
+            return Ok(Bytes::new());
+        }
+        match &mut self.kind {
             DecoderKind::Gzip(d) => {
                 d.try_finish().map_err(|_| truncated("gzip"))?;
                 Ok(std::mem::take(d.get_mut()).into())
@@ -344,6 +356,15 @@ mod tests {
                 b"<a href=\"https://x.example/\">first</a>",
                 "{coding:?}"
             );
+        }
+    }
+
+    #[test]
+    fn an_empty_body_is_an_empty_page_for_every_coding() {
+        // Regression: gzip, deflate and br reported an empty body as a truncated stream, and the
+        // proxy then closed the connection without a response.
+        for coding in ALL {
+            assert!(decode(coding, b"", 1).unwrap().is_empty(), "{coding:?}");
         }
     }
 

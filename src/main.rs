@@ -150,6 +150,9 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(config: Config, path: PathBuf) -> Result<()> {
+    // Installed before anything is announced, so a SIGHUP sent as soon as the proxy says it is
+    // listening reloads rather than kills it.
+    let signals = Signals::install()?;
     let upstream = config.upstream.to_string();
     let server = Server::bind(config).await?;
     if let Some(addr) = server.local_addr() {
@@ -162,41 +165,57 @@ async fn serve(config: Config, path: PathBuf) -> Result<()> {
         tracing::info!("admin endpoints on http://{addr}/metrics, /healthz, /readyz");
     }
     let handle = server.handle();
-    server.run(signals(handle, path)).await;
+    server.run(signals.handle(handle, path)).await;
     tracing::info!("kmi-proxy stopped");
     Ok(())
 }
 
-/// Handles signals until one asks for shutdown: SIGHUP reloads the configuration file (an
-/// invalid file is refused and the running configuration kept), SIGTERM and SIGINT return.
-async fn signals(handle: Handle, path: PathBuf) {
+/// The signals the proxy acts on.
+struct Signals {
     #[cfg(unix)]
-    {
+    hup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::hangup()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            return std::future::pending().await;
-        };
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// Handles signals until one asks for shutdown: SIGHUP reloads the configuration file (an
+    /// invalid file is refused and the running configuration kept), SIGTERM and SIGINT return.
+    async fn handle(mut self, handle: Handle, path: PathBuf) {
+        #[cfg(unix)]
         loop {
             tokio::select! {
-                _ = hup.recv() => reload(&handle, &path),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = self.hup.recv() => reload(&handle, &path),
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
             }
         }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = (&mut self, handle, path);
+        }
+        tracing::info!(
+            "shutting down: readiness fails, no new connections, draining in-flight requests"
+        );
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = (handle, path);
-    }
-    tracing::info!(
-        "shutting down: readiness fails, no new connections, draining in-flight requests"
-    );
 }
 
 fn reload(handle: &Handle, path: &std::path::Path) {

@@ -222,6 +222,11 @@ impl Proxy {
             format!("{:?}", config.timeouts.client_header),
         );
         check(
+            "timeouts.client_idle",
+            format!("{:?}", old.timeouts.client_idle),
+            format!("{:?}", config.timeouts.client_idle),
+        );
+        check(
             "log.format",
             format!("{:?}", old.log_format),
             format!("{:?}", config.log_format),

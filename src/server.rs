@@ -128,11 +128,17 @@ impl Server {
         http.http2().timer(TokioTimer::new()).max_header_list_size(
             u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX),
         );
+        let kill = CancellationToken::new();
         let shared = Arc::new(Shared {
             http,
             proxy: Arc::clone(&self.proxy),
             stop: stop.clone(),
             connections: connections.clone(),
+            kill: kill.clone(),
+            first_request: config
+                .timeouts
+                .client_header
+                .min(config.timeouts.client_idle),
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             client_idle: config.timeouts.client_idle,
         });
@@ -170,7 +176,11 @@ impl Server {
         let drain = self.proxy.config().shutdown_timeout;
         tokio::select! {
             () = connections.wait() => {}
-            () = tokio::time::sleep(drain) => tracing::warn!("shutdown timeout reached; closing remaining connections"),
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!("shutdown timeout reached; closing remaining connections");
+                kill.cancel();
+                connections.wait().await;
+            }
         }
         admin_stop.cancel();
     }
@@ -184,10 +194,15 @@ struct Shared {
     stop: CancellationToken,
     /// Every connection task, so shutdown can wait for them to drain.
     connections: TaskTracker,
+    /// Cancelled when the drain time is over: connections still open are dropped.
+    kill: CancellationToken,
     /// One permit per open client connection. An accept loop takes a permit before accepting, so
     /// past the limit new connections wait in the kernel's backlog instead of being served badly.
     permits: Arc<Semaphore>,
     client_idle: Duration,
+    /// Until its first request, a connection gets this long (the client header timeout): hyper's
+    /// own header timer only starts once it has seen the first bytes.
+    first_request: Duration,
 }
 
 async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>) {
@@ -251,6 +266,8 @@ async fn handshake(
 /// Whether a connection has requests in flight, and since when it has had none.
 struct Activity {
     in_flight: AtomicUsize,
+    /// Requests seen on this connection so far.
+    requests: AtomicUsize,
     idle_since: Mutex<Instant>,
 }
 
@@ -260,6 +277,7 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        activity.requests.fetch_add(1, Ordering::SeqCst);
         InFlight(Arc::clone(activity))
     }
 }
@@ -272,16 +290,22 @@ impl Drop for InFlight {
     }
 }
 
-/// Completes once the connection has had no request in flight for `idle`.
-async fn idle_for(activity: &Activity, idle: Duration) {
-    let check = (idle / 4).max(Duration::from_millis(10));
+/// Completes once the connection has had no request in flight for `idle`, or for `first` before
+/// its first request.
+async fn idle_for(activity: &Activity, first: Duration, idle: Duration) {
+    let check = (first.min(idle) / 4).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(check).await;
         let since = *activity
             .idle_since
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if activity.in_flight.load(Ordering::SeqCst) == 0 && since.elapsed() >= idle {
+        let limit = if activity.requests.load(Ordering::SeqCst) == 0 {
+            first
+        } else {
+            idle
+        };
+        if activity.in_flight.load(Ordering::SeqCst) == 0 && since.elapsed() >= limit {
             return;
         }
     }
@@ -293,6 +317,7 @@ where
 {
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
+        requests: AtomicUsize::new(0),
         idle_since: Mutex::new(Instant::now()),
     });
     let proxy = Arc::clone(&shared.proxy);
@@ -312,12 +337,19 @@ where
         result = connection.as_mut() => result,
         () = shared.stop.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => result,
+                // Past the drain time the connection is dropped with whatever it still had.
+                () = shared.kill.cancelled() => Ok(()),
+            }
         }
-        () = idle_for(&activity, shared.client_idle) => {
+        () = idle_for(&activity, shared.first_request, shared.client_idle) => {
             tracing::debug!(%client, "closing an idle connection");
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = shared.kill.cancelled() => Ok(()),
+            }
         }
     };
     if let Err(e) = result {
