@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::decorate::{Decorator, Existing};
 use crate::decorate::DEFAULT_REDIRECT_PATH;
+use crate::decorate::{Decorator, Existing};
 use crate::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
 use crate::paths::PathPattern;
 use crate::tls;
@@ -536,9 +536,19 @@ impl Validator {
             .map(|a| a.listen.unwrap_or_else(|| "127.0.0.1:9090".to_owned()))
             .and_then(|a| self.addr("admin.listen", &a));
         let partners = self.partners(raw.partner);
-        let redirect_path = raw.redirect.path.unwrap_or_else(|| DEFAULT_REDIRECT_PATH.to_owned());
-        if !redirect_path.starts_with('/') || redirect_path.contains(['?', '#', ' ']) || redirect_path == "/" {
-            self.problem("redirect.path", &redirect_path, "a path of its own on this site, like \"/_kmi/out\"");
+        let redirect_path = raw
+            .redirect
+            .path
+            .unwrap_or_else(|| DEFAULT_REDIRECT_PATH.to_owned());
+        if !redirect_path.starts_with('/')
+            || redirect_path.contains(['?', '#', ' '])
+            || redirect_path == "/"
+        {
+            self.problem(
+                "redirect.path",
+                &redirect_path,
+                "a path of its own on this site, like \"/_kmi/out\"",
+            );
         }
         let decorator = Arc::new(Decorator {
             partners,
@@ -555,13 +565,30 @@ impl Validator {
                 }
             })
         };
-        let response_header = header(self, "identity.response_header", raw.identity.response_header);
+        let response_header = header(
+            self,
+            "identity.response_header",
+            raw.identity.response_header,
+        );
         let request_header = header(self, "identity.request_header", raw.identity.request_header);
         let mut trusted_proxies = Vec::new();
-        for (i, cidr) in raw.identity.trusted_proxies.unwrap_or_default().iter().enumerate() {
-            match cidr.parse::<ipnet::IpNet>().or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+        for (i, cidr) in raw
+            .identity
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            match cidr
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
                 Ok(net) => trusted_proxies.push(net),
-                Err(_) => self.problem(format!("identity.trusted_proxies[{i}]"), cidr, "not an IP address or CIDR range like \"10.0.0.0/8\""),
+                Err(_) => self.problem(
+                    format!("identity.trusted_proxies[{i}]"),
+                    cidr,
+                    "not an IP address or CIDR range like \"10.0.0.0/8\"",
+                ),
             }
         }
         if request_header.is_some() && trusted_proxies.is_empty() {
@@ -584,7 +611,11 @@ impl Validator {
             honor_gpc: raw.consent.honor_gpc.unwrap_or(true),
         };
         if consent.contains.is_some() && consent.cookie.is_none() {
-            self.problem("consent.contains", consent.contains.as_deref().unwrap_or(""), "needs consent.cookie to say which cookie to look in");
+            self.problem(
+                "consent.contains",
+                consent.contains.as_deref().unwrap_or(""),
+                "needs consent.cookie to say which cookie to look in",
+            );
         }
         if (listen_text.is_some() && listen.is_none())
             || (raw.listen_tls.is_some() && (listen_tls.is_none() || tls.is_none()))
@@ -866,7 +897,11 @@ impl fmt::Display for Config {
         if let Some(h) = &self.request_header {
             writeln!(f, "request_header = {:?}", h.as_str())?;
         }
-        let trusted: Vec<String> = self.trusted_proxies.iter().map(ToString::to_string).collect();
+        let trusted: Vec<String> = self
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         writeln!(f, "trusted_proxies = {trusted:?}")?;
         writeln!(f, "param = \"{}\"", d.param)?;
         let existing = match d.existing {

@@ -12,7 +12,11 @@ pub const SEC_GPC: &str = "sec-gpc";
 
 /// `Ok` when the request allows decoration, else the reason (`gpc`, `no_consent`) for the log.
 pub fn allows(consent: &Consent, headers: &HeaderMap) -> Result<(), &'static str> {
-    if consent.honor_gpc && headers.get(SEC_GPC).is_some_and(|v| v.as_bytes().trim_ascii() == b"1") {
+    if consent.honor_gpc
+        && headers
+            .get(SEC_GPC)
+            .is_some_and(|v| v.as_bytes().trim_ascii() == b"1")
+    {
         return Err("gpc");
     }
     let Some(name) = &consent.cookie else {
@@ -23,7 +27,13 @@ pub fn allows(consent: &Consent, headers: &HeaderMap) -> Result<(), &'static str
     };
     match &consent.contains {
         None => Ok(()),
-        Some(token) if percent_decode_str(raw).decode_utf8_lossy().contains(token.as_str()) => Ok(()),
+        Some(token)
+            if percent_decode_str(raw)
+                .decode_utf8_lossy()
+                .contains(token.as_str()) =>
+        {
+            Ok(())
+        }
         Some(_) => Err("no_consent"),
     }
 }
@@ -55,22 +65,37 @@ mod tests {
         assert_eq!(allows(&c, &headers(&[])), Ok(()));
         assert_eq!(allows(&c, &headers(&[("sec-gpc", "1")])), Err("gpc"));
         assert_eq!(allows(&c, &headers(&[("sec-gpc", "0")])), Ok(()));
-        assert_eq!(allows(&consent(None, None, false), &headers(&[("sec-gpc", "1")])), Ok(()));
+        assert_eq!(
+            allows(&consent(None, None, false), &headers(&[("sec-gpc", "1")])),
+            Ok(())
+        );
     }
 
     #[test]
     fn consent_cookie_must_be_present_and_hold_the_token() {
         let c = consent(Some("cookie_consent"), Some("analytics"), true);
         assert_eq!(allows(&c, &headers(&[])), Err("no_consent"));
-        assert_eq!(allows(&c, &headers(&[("cookie", "cookie_consent=marketing")])), Err("no_consent"));
         assert_eq!(
-            allows(&c, &headers(&[("cookie", "a=1; cookie_consent=necessary%2Canalytics")])),
+            allows(&c, &headers(&[("cookie", "cookie_consent=marketing")])),
+            Err("no_consent")
+        );
+        assert_eq!(
+            allows(
+                &c,
+                &headers(&[("cookie", "a=1; cookie_consent=necessary%2Canalytics")])
+            ),
             Ok(())
         );
         let present = consent(Some("cookie_consent"), None, true);
-        assert_eq!(allows(&present, &headers(&[("cookie", "cookie_consent=yes")])), Ok(()));
         assert_eq!(
-            allows(&present, &headers(&[("cookie", "cookie_consent=yes"), ("sec-gpc", "1")])),
+            allows(&present, &headers(&[("cookie", "cookie_consent=yes")])),
+            Ok(())
+        );
+        assert_eq!(
+            allows(
+                &present,
+                &headers(&[("cookie", "cookie_consent=yes"), ("sec-gpc", "1")])
+            ),
             Err("gpc")
         );
     }

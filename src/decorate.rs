@@ -124,7 +124,8 @@ impl Decorator {
 
     /// The proxy-relative link that redirects to `destination` when clicked.
     pub fn redirect_href(&self, destination: &Url) -> String {
-        let to: String = url::form_urlencoded::byte_serialize(destination.as_str().as_bytes()).collect();
+        let to: String =
+            url::form_urlencoded::byte_serialize(destination.as_str().as_bytes()).collect();
         format!("{}?to={to}", self.redirect_path)
     }
 

@@ -160,7 +160,10 @@ pub fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
 pub fn from_header_value(value: &http::HeaderValue) -> Identity {
     match value.to_str() {
         Ok(v) => match VisitorId::new(v.trim()) {
-            Ok(id) => Identity::Known { id, cookie: usize::MAX },
+            Ok(id) => Identity::Known {
+                id,
+                cookie: usize::MAX,
+            },
             Err(why) => Identity::Rejected(why),
         },
         Err(_) => Identity::Rejected(Rejection::NotUtf8),

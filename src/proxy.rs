@@ -23,9 +23,9 @@ use crate::decorate::Outcome;
 use crate::headers;
 use crate::identity::{self, Identity, VisitorId};
 use crate::metrics::Metrics;
-use crate::{consent, paths};
 use crate::rewrite::{self, Charset, Page, PageRewriter};
 use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
+use crate::{consent, paths};
 use arc_swap::ArcSwap;
 
 const REFRESH: HeaderName = HeaderName::from_static("refresh");
@@ -272,8 +272,16 @@ impl Proxy {
         let mut identity = identity::from_headers(req.headers(), &config.cookies);
         // A trusted front tier may tell the proxy who the visitor is; anyone else's claim is
         // ignored (and the header never reaches the origin either way).
-        if let Some(v) = config.request_header.as_ref().and_then(|name| req.headers().get(name)) {
-            if config.trusted_proxies.iter().any(|net| net.contains(&client.ip())) {
+        if let Some(v) = config
+            .request_header
+            .as_ref()
+            .and_then(|name| req.headers().get(name))
+        {
+            if config
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&client.ip()))
+            {
                 identity = identity::from_header_value(v);
             }
         }
@@ -373,7 +381,11 @@ impl Proxy {
             headers::make_private(headers);
         }
         // Server-side identity: the origin knows who this is; the header never reaches the client.
-        if let Some(v) = config.response_header.as_ref().and_then(|name| headers.remove(name)) {
+        if let Some(v) = config
+            .response_header
+            .as_ref()
+            .and_then(|name| headers.remove(name))
+        {
             identity = identity::from_header_value(&v);
         }
         if let Identity::Rejected(why) = &identity {
@@ -382,7 +394,13 @@ impl Proxy {
         let id = usable_id(&identity, consent);
         Self::decorate_redirects(config, headers, &page, id.ok());
         let partners = &config.decorator.partners;
-        let mut decision = decide(&method, status, headers, id.map(|_| ()), partners.any_redirect());
+        let mut decision = decide(
+            &method,
+            status,
+            headers,
+            id.map(|_| ()),
+            partners.any_redirect(),
+        );
         if excluded && !matches!(decision, Decision::NotRewritable(_)) {
             decision = Decision::PageNotRewritten("excluded");
         }
@@ -624,7 +642,10 @@ fn vary_on_identity(headers: &mut HeaderMap, config: &Config) {
 }
 
 /// The ID to use for this request, or why there is none.
-fn usable_id<'a>(identity: &'a Identity, consent: Result<(), &'static str>) -> Result<&'a VisitorId, &'static str> {
+fn usable_id<'a>(
+    identity: &'a Identity,
+    consent: Result<(), &'static str>,
+) -> Result<&'a VisitorId, &'static str> {
     match identity {
         Identity::Known { id, .. } => consent.map(|()| id),
         Identity::Absent => Err("no_id"),
@@ -635,10 +656,19 @@ fn usable_id<'a>(identity: &'a Identity, consent: Result<(), &'static str>) -> R
 /// The click-time redirect of `mode = "redirect"` partners: `GET <redirect.path>?to=<url>` answers
 /// 302 to `<url>` with `kmi=` added for this visitor. Only to an absolute http(s) URL on a
 /// configured partner's host (anything else is 400), so it can never serve as an open redirect.
-fn outbound_redirect(config: &Config, req: &Request<Incoming>, id: Option<&VisitorId>, mut log: AccessLog) -> Response<ResponseBody> {
+fn outbound_redirect(
+    config: &Config,
+    req: &Request<Incoming>,
+    id: Option<&VisitorId>,
+    mut log: AccessLog,
+) -> Response<ResponseBody> {
     log.rewrite = "outbound_redirect";
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error_response(StatusCode::METHOD_NOT_ALLOWED, "the partner redirect answers GET only", log);
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the partner redirect answers GET only",
+            log,
+        );
     }
     let to = req.uri().query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
@@ -651,8 +681,20 @@ fn outbound_redirect(config: &Config, req: &Request<Incoming>, id: Option<&Visit
     let decorator = &config.decorator;
     let destination = match url::Url::parse(to.trim()) {
         Ok(url) if decorator.partner_host(&url).is_some() => url,
-        Ok(_) => return error_response(StatusCode::BAD_REQUEST, "the destination is not a configured partner", log),
-        Err(_) => return error_response(StatusCode::BAD_REQUEST, "the destination must be an absolute http(s) URL", log),
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "the destination is not a configured partner",
+                log,
+            )
+        }
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "the destination must be an absolute http(s) URL",
+                log,
+            )
+        }
     };
     let location = match id.map(|id| decorator.decorate(destination.as_str(), &destination, id)) {
         Some(Outcome::Decorated { href, partner }) => {
@@ -662,7 +704,11 @@ fn outbound_redirect(config: &Config, req: &Request<Incoming>, id: Option<&Visit
         _ => destination.to_string(),
     };
     let Ok(location) = HeaderValue::from_str(&location) else {
-        return error_response(StatusCode::BAD_REQUEST, "the destination cannot be sent as a Location", log);
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "the destination cannot be sent as a Location",
+            log,
+        );
     };
     log.status = StatusCode::FOUND.as_u16();
     let mut response = Response::new(ResponseBody::full(bytes::Bytes::new(), log));
@@ -755,7 +801,6 @@ fn describe(e: &upstream::Error) -> (&'static str, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     fn html(ct: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use encoding_rs::Encoding;
+use lol_html::html_content::ContentType;
 use lol_html::send::Element;
 use lol_html::send::{HtmlRewriter, Settings};
-use lol_html::html_content::ContentType;
 use lol_html::{element, AsciiCompatibleEncoding, MemorySettings};
 use url::Url;
 
@@ -276,13 +276,22 @@ impl LinkHandler {
         let Some(href) = self.target(el, "href") else {
             return;
         };
-        let (href, partner) = match self.decorator.decorate_link(&href, self.base(), self.id.as_ref()) {
-            Outcome::Decorated { href, partner } | Outcome::Redirected { href, partner } => (href, partner),
-            _ => return,
-        };
+        let (href, partner) =
+            match self
+                .decorator
+                .decorate_link(&href, self.base(), self.id.as_ref())
+            {
+                Outcome::Decorated { href, partner } | Outcome::Redirected { href, partner } => {
+                    (href, partner)
+                }
+                _ => return,
+            };
         // lol_html escapes `"` in attribute values but not `&`, so the text written back means
         // exactly `href` to the browser.
-        if el.set_attribute("href", &href.replace('&', "&amp;")).is_ok() {
+        if el
+            .set_attribute("href", &href.replace('&', "&amp;"))
+            .is_ok()
+        {
             self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -305,11 +314,19 @@ impl LinkHandler {
         if !rules.forms || rules.mode != crate::partner::Mode::Inline {
             return;
         }
-        let method = el.get_attribute("method").unwrap_or_default().trim().to_ascii_lowercase();
+        let method = el
+            .get_attribute("method")
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         match method.as_str() {
             "post" => {
-                if let Outcome::Decorated { href, .. } = self.decorator.decorate(&action, base, id) {
-                    if el.set_attribute("action", &href.replace('&', "&amp;")).is_err() {
+                if let Outcome::Decorated { href, .. } = self.decorator.decorate(&action, base, id)
+                {
+                    if el
+                        .set_attribute("action", &href.replace('&', "&amp;"))
+                        .is_err()
+                    {
                         return;
                     }
                 } else {

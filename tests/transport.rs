@@ -626,7 +626,10 @@ async fn compressed_page_is_decorated_and_streamed_back_in_the_same_coding() {
         assert_eq!(rsp.status(), 200, "{coding}");
         assert_eq!(header(&rsp, "content-encoding"), Some(coding));
         assert_eq!(header(&rsp, "content-length"), None, "{coding}");
-        assert_eq!(header(&rsp, "vary"), Some("Accept-Encoding, Cookie"));
+        assert_eq!(
+            header(&rsp, "vary"),
+            Some("Accept-Encoding, Cookie, Sec-GPC")
+        );
         assert_eq!(
             origin.the_request().header("accept-encoding"),
             Some(accept_encoding),
@@ -1315,7 +1318,7 @@ async fn redirect_to_a_partner_carries_the_id_and_becomes_private() {
             "{}",
             rsp.head
         );
-        assert_eq!(rsp.header("vary"), Some("Cookie"), "{}", rsp.head);
+        assert_eq!(rsp.header("vary"), Some("Cookie, Sec-GPC"), "{}", rsp.head);
     }
 }
 
@@ -1350,7 +1353,7 @@ async fn redirect_elsewhere_is_unchanged_and_without_an_id_only_varies() {
     assert_eq!(rsp.header("cache-control"), Some("public, max-age=300"));
     assert_eq!(
         rsp.header("vary"),
-        Some("Cookie"),
+        Some("Cookie, Sec-GPC"),
         "another visitor would get a decorated redirect\n{}",
         rsp.head
     );
@@ -1374,7 +1377,7 @@ async fn refresh_header_to_a_partner_carries_the_id() {
         "{}",
         rsp.head
     );
-    assert_eq!(rsp.header("vary"), Some("Cookie"), "{}", rsp.head);
+    assert_eq!(rsp.header("vary"), Some("Cookie, Sec-GPC"), "{}", rsp.head);
     assert_eq!(
         String::from_utf8(rsp.dechunked()).unwrap(),
         decorated("abc")
@@ -1385,7 +1388,7 @@ async fn refresh_header_to_a_partner_carries_the_id() {
         rsp.header("refresh"),
         Some("0; url=https://checkout.partner.com/")
     );
-    assert_eq!(rsp.header("vary"), Some("Cookie"), "{}", rsp.head);
+    assert_eq!(rsp.header("vary"), Some("Cookie, Sec-GPC"), "{}", rsp.head);
 }
 
 // 11. Revalidation -------------------------------------------------------------------------------
