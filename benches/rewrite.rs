@@ -129,6 +129,7 @@ fn subject(path: &Path) -> Subject {
             partners: set,
             param: "kmi".into(),
             existing: Existing::Keep,
+            ..Decorator::default()
         }),
         page: Page {
             url: Url::parse(&url).unwrap(),

@@ -586,7 +586,7 @@ fn pipeline(config: &Config, site: &Site, coding: Option<Coding>, input: &[u8]) 
         memory_limit: config.memory_limit,
     };
     let id = VisitorId::new(ID).expect("a valid ID");
-    let mut rewriter = PageRewriter::new(Arc::clone(&config.decorator), id, page);
+    let mut rewriter = PageRewriter::new(Arc::clone(&config.decorator), Some(id), page);
     let mut codec = coding.map(|c| (Decoder::new(c), Encoder::new(c)));
     let mut out = Vec::with_capacity(input.len() + input.len() / 8);
     for chunk in input.chunks(CHUNK) {
