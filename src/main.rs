@@ -81,8 +81,11 @@ fn run(cli: Cli) -> Result<()> {
             for warning in config.warnings() {
                 eprintln!("kmi-proxy: warning: {warning}");
             }
-            print!("{config}");
-            Ok(())
+            // `check | head` closes the pipe early: that is the reader's choice, not an error.
+            match write!(std::io::stdout().lock(), "{config}") {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing stdout"),
+                _ => Ok(()),
+            }
         }
         Command::Rewrite {
             id,
