@@ -83,7 +83,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             // `check | head` closes the pipe early: that is the reader's choice, not an error.
             match write!(std::io::stdout().lock(), "{config}") {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing stdout"),
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(e).context("writing stdout")
+                }
                 _ => Ok(()),
             }
         }

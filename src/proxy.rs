@@ -280,10 +280,14 @@ impl Proxy {
             if config
                 .trusted_proxies
                 .iter()
-                .any(|net| net.contains(&client.ip()))
+                .any(|net| net.contains(&client.ip().to_canonical()))
             {
                 identity = identity::from_header_value(v);
             }
+        }
+        if let Some(name) = &config.request_header {
+            // Believed from trusted front tiers only, and never passed on to the origin.
+            req.headers_mut().remove(name);
         }
         let consent = consent::allows(&config.consent, req.headers());
         if req.uri().path() == config.decorator.redirect_path {
@@ -294,10 +298,14 @@ impl Proxy {
         let method = req.method().clone();
         let upgrade = upgrade_requested(req.headers())
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-        let whole_page = !excluded
-            && usable_id(&identity, consent).is_ok()
-            && config.decorator.partners.any_inline()
-            && may_be_rewritten(&method, req.headers());
+        let partners = &config.decorator.partners;
+        let html_get = !excluded && may_be_rewritten(&method, req.headers());
+        // A page decorated for this visitor (its 304 must stay private too).
+        let decorated_page =
+            html_get && usable_id(&identity, consent).is_ok() && partners.any_inline();
+        // A page that will be rewritten at all asks the origin for the whole page: a range of a
+        // page that is then rewritten would not fit together.
+        let whole_page = decorated_page || (html_get && partners.any_redirect());
 
         let upstream_req = match Self::upstream_request(
             config,
@@ -374,7 +382,7 @@ impl Proxy {
         let headers = response.headers_mut();
         headers::remove_hop_by_hop(headers);
         headers::add_via(headers, origin_version);
-        if status == StatusCode::NOT_MODIFIED && whole_page {
+        if status == StatusCode::NOT_MODIFIED && decorated_page {
             // A 304 updates the headers of the copy a cache holds (RFC 9111 §4.3.4). For a page
             // that was decorated, it must not undo `private` and the weak ETag.
             vary_on_identity(headers, config);
@@ -392,7 +400,9 @@ impl Proxy {
             log.id_rejected = Some(why.as_str());
         }
         let id = usable_id(&identity, consent);
-        Self::decorate_redirects(config, headers, &page, id.ok());
+        if !excluded {
+            Self::decorate_redirects(config, headers, &page, id.ok());
+        }
         let partners = &config.decorator.partners;
         let mut decision = decide(
             &method,

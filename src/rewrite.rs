@@ -281,9 +281,8 @@ impl LinkHandler {
                 .decorator
                 .decorate_link(&href, self.base(), self.id.as_ref())
             {
-                Outcome::Decorated { href, partner } | Outcome::Redirected { href, partner } => {
-                    (href, partner)
-                }
+                Outcome::Decorated { href, partner } => (href, partner),
+                Outcome::Redirected { href, partner } => (self.on_this_site(href), partner),
                 _ => return,
             };
         // lol_html escapes `"` in attribute values but not `&`, so the text written back means
@@ -293,6 +292,17 @@ impl LinkHandler {
             .is_ok()
         {
             self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A root-relative link to the proxy's redirect path, made absolute when a `<base href>` on
+    /// another origin would otherwise send it there.
+    fn on_this_site(&self, path: String) -> String {
+        match &self.base {
+            Some(base) if base.origin() != self.page_url.origin() => {
+                format!("{}{path}", self.page_url.origin().ascii_serialization())
+            }
+            _ => path,
         }
     }
 
@@ -314,10 +324,10 @@ impl LinkHandler {
         if !rules.forms || rules.mode != crate::partner::Mode::Inline {
             return;
         }
+        // Enumerated attributes are not trimmed: `" post "` is an invalid value, so GET.
         let method = el
             .get_attribute("method")
             .unwrap_or_default()
-            .trim()
             .to_ascii_lowercase();
         match method.as_str() {
             "post" => {

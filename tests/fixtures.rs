@@ -8,11 +8,22 @@
 //!
 //! ```toml
 //! id = "Zk9+aB/c3Q=="                               # decoded visitor ID
+//! no_id = true                                      # rewrite for a visitor without an ID
 //! url = "https://www.site.test/page/index.html"     # the page's URL
 //! content_type = "text/html"                        # the response's Content-Type
 //! existing = "keep"                                 # or "replace"; overrides config.toml
 //! memory_limit = 4096                               # bytes; overrides config.toml
+//! config = """                                      # more configuration for this fixture
+//! [[partner]]
+//! name = "forms"
+//! domains = ["forms.partner.org"]
+//! forms = true
+//! """
 //! ```
+//!
+//! `config` is merged into `config.toml`: its `[[partner]]` entries come after the shared ones,
+//! its tables add keys to the shared tables, and a key both set is an error (so a fixture cannot
+//! quietly change what the shared file says). `id` and `no_id` cannot both be given.
 //!
 //! Every file in the directory must belong to a complete pair (or be `config.toml`), and an empty
 //! directory fails: nothing is ever skipped silently. `long_tag_over_memory_limit_never_loses_a_byte`
@@ -62,6 +73,9 @@ struct Sidecar {
     content_type: Option<String>,
     existing: Option<String>,
     memory_limit: Option<i64>,
+    no_id: Option<bool>,
+    /// TOML merged into the shared configuration.
+    config: Option<String>,
 }
 
 /// One fixture, ready to run.
@@ -70,7 +84,8 @@ struct Fixture {
     input: Vec<u8>,
     expected: Vec<u8>,
     config: Config,
-    id: VisitorId,
+    /// `None` for a visitor without an ID (`no_id = true`).
+    id: Option<VisitorId>,
     page: Page,
     /// The sidecar settings in words, for failure messages.
     settings: String,
@@ -240,6 +255,42 @@ fn long_tag_over_memory_limit_never_loses_a_byte() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The sidecar's `config` adds to the shared file but cannot change what it says, and what it
+/// adds is validated like any configuration; an unknown sidecar key is an error.
+#[test]
+fn sidecar_config_adds_to_the_shared_file_but_cannot_change_it() {
+    let shared = std::fs::read_to_string(fixtures_dir().join(SHARED_CONFIG)).unwrap();
+    let with = |config: &str| Sidecar {
+        config: Some(config.to_owned()),
+        ..Sidecar::default()
+    };
+    let c = config_for(
+        &shared,
+        &with("exclude_paths = [\"/x/*\"]\n[[partner]]\nname = \"extra\"\ndomains = [\"x.example\"]\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.decorator.partners.len(), 4);
+    assert_eq!(c.decorator.partners.name(3), "extra");
+    assert_eq!(c.exclude_paths.len(), 1);
+
+    let e = config_for(&shared, &with("upstream = \"http://127.0.0.1:2\"\n"), "t").unwrap_err();
+    assert!(e.contains("`upstream` is already set"), "{e}");
+    let e = config_for(
+        &shared,
+        &with("[[partner]]\nname = \"r\"\ndomains = [\"r.example\"]\nforms = true\nmode = \"redirect\"\n"),
+        "t",
+    )
+    .unwrap_err();
+    assert!(e.contains("partner[3].forms"), "{e}");
+    let e = config_for(&shared, &with("[[partner]\n"), "t").unwrap_err();
+    assert!(e.contains("`config`"), "{e}");
+
+    for bad in ["confg = \"\"", "no_id = \"yes\"", "id = 1"] {
+        assert!(toml::from_str::<Sidecar>(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
 /// The seed for the random chunk sizes: `KMI_FIXTURE_SEED`, or a fresh random one.
 fn seed() -> u64 {
     match std::env::var("KMI_FIXTURE_SEED") {
@@ -331,9 +382,16 @@ fn load(dir: &Path, name: &str, shared_config: &str) -> Result<Fixture, String> 
     };
 
     let config = config_for(shared_config, &sidecar, name)?;
-    let id_text = sidecar.id.as_deref().unwrap_or(DEFAULT_ID);
-    let id = VisitorId::new(id_text)
-        .map_err(|why| format!("id {id_text:?} is not a usable visitor ID: {why}"))?;
+    let (id, id_text) = match (sidecar.no_id, sidecar.id.as_deref()) {
+        (Some(true), Some(_)) => return Err("give either `id` or `no_id = true`, not both".into()),
+        (Some(true), None) => (None, "none".to_owned()),
+        (_, id_text) => {
+            let id_text = id_text.unwrap_or(DEFAULT_ID);
+            let id = VisitorId::new(id_text)
+                .map_err(|why| format!("id {id_text:?} is not a usable visitor ID: {why}"))?;
+            (Some(id), format!("{id_text:?}"))
+        }
+    };
     let url_text = sidecar.url.as_deref().unwrap_or(DEFAULT_URL);
     let url = url::Url::parse(url_text).map_err(|e| format!("url {url_text:?}: {e}"))?;
     let content_type = sidecar
@@ -348,8 +406,14 @@ fn load(dir: &Path, name: &str, shared_config: &str) -> Result<Fixture, String> 
     })?;
 
     let settings = format!(
-        "id {id_text:?}, url {url_text}, content type {content_type:?}, existing {:?}, memory limit {}",
-        config.decorator.existing, config.memory_limit
+        "id {id_text}, url {url_text}, content type {content_type:?}, existing {:?}, memory limit {}{}",
+        config.decorator.existing,
+        config.memory_limit,
+        if sidecar.config.is_some() {
+            ", with the sidecar's `config`"
+        } else {
+            ""
+        }
     );
     let page = Page {
         url,
@@ -367,12 +431,19 @@ fn load(dir: &Path, name: &str, shared_config: &str) -> Result<Fixture, String> 
     })
 }
 
-/// The shared configuration with the sidecar's `existing` and `memory_limit` written into it, then
-/// validated by `Config::parse` like any configuration file.
+/// The shared configuration with the sidecar's `config` merged into it and its `existing` and
+/// `memory_limit` written into it, then validated by `Config::parse` like any configuration file.
 fn config_for(shared: &str, sidecar: &Sidecar, name: &str) -> Result<Config, String> {
     let mut table: toml::Table = shared
         .parse()
         .map_err(|e| format!("{SHARED_CONFIG}: {e}"))?;
+    if let Some(extra) = &sidecar.config {
+        let extra: toml::Table = extra
+            .parse()
+            .map_err(|e| format!("{name}{SIDECAR_SUFFIX}: `config`: {e}"))?;
+        merge(&mut table, extra, "")
+            .map_err(|e| format!("{name}{SIDECAR_SUFFIX}: `config`: {e}"))?;
+    }
     let mut set = |section: &str, key: &str, value: toml::Value| -> Result<(), String> {
         let entry = table
             .entry(section)
@@ -396,6 +467,29 @@ fn config_for(shared: &str, sidecar: &Sidecar, name: &str) -> Result<Config, Str
     let text = toml::to_string(&table).map_err(|e| format!("re-serialising the config: {e}"))?;
     Config::parse(&text, &format!("{SHARED_CONFIG} + {name}{SIDECAR_SUFFIX}"))
         .map_err(|e| e.to_string())
+}
+
+/// Merges `extra` into `into`: arrays (`[[partner]]`) are extended, tables merged key by key, and
+/// anything else already set is an error naming the key.
+fn merge(into: &mut toml::Table, extra: toml::Table, path: &str) -> Result<(), String> {
+    for (key, value) in extra {
+        let full = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        match (into.get_mut(&key), value) {
+            (None, value) => {
+                into.insert(key, value);
+            }
+            (Some(toml::Value::Array(existing)), toml::Value::Array(more)) => existing.extend(more),
+            (Some(toml::Value::Table(existing)), toml::Value::Table(more)) => {
+                merge(existing, more, &full)?;
+            }
+            (Some(_), _) => return Err(format!("`{full}` is already set by {SHARED_CONFIG}")),
+        }
+    }
+    Ok(())
 }
 
 /// The chunkings every fixture runs with: whole, one byte at a time, then random sequences of
