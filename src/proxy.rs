@@ -380,6 +380,11 @@ impl Proxy {
         // `Via` names the protocol the message arrived over: the origin's, for a response.
         let origin_version = response.version();
         let headers = response.headers_mut();
+        if headers.contains_key(http::header::TRANSFER_ENCODING) {
+            // A message with both framings is delimited by Transfer-Encoding (RFC 9112 §6.3); its
+            // Content-Length is wrong and must not reach the client with the re-framed body.
+            headers.remove(CONTENT_LENGTH);
+        }
         headers::remove_hop_by_hop(headers);
         headers::add_via(headers, origin_version);
         if status == StatusCode::NOT_MODIFIED && decorated_page {
@@ -769,8 +774,6 @@ fn error_response(status: StatusCode, reason: &str, mut log: AccessLog) -> Respo
     response
 }
 
-/// A one-line reason for a failed upstream request: the innermost cause, which is the one that
-/// says what happened ("Connection refused", "connect timeout", a certificate problem).
 /// The kind of an upstream failure (for metrics: connect, timeout, tls, reset, other) and a
 /// one-line reason: the innermost cause, which is the one that says what happened ("Connection
 /// refused", "connect timeout", a certificate problem).
@@ -781,6 +784,12 @@ fn describe(e: &upstream::Error) -> (&'static str, String) {
     while let Some(c) = cause {
         if crate::tls::is_tls_error(c) {
             kind = "tls";
+        } else if c
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
+        {
+            // The origin closed the connection before its response was complete.
+            kind = "reset";
         } else if let Some(io) = c.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
             match io.kind() {
@@ -795,9 +804,6 @@ fn describe(e: &upstream::Error) -> (&'static str, String) {
         }
         last = Some(c);
         cause = c.source();
-    }
-    if kind == "other" && e.to_string().contains("closed") {
-        kind = "reset";
     }
     let detail = last.map_or_else(|| e.to_string(), |c| c.to_string());
     let reason = if e.is_connect() {
