@@ -131,13 +131,23 @@ impl Decorator {
 
     /// Decorates `href` for `id` when it points at a partner.
     pub fn decorate(&self, href: &str, base: &Url, id: &VisitorId) -> Outcome {
-        let Some(partner) = self.partner_of(href, base) else {
+        let Some((partner, resolved)) = self.resolve(href, base) else {
             return Outcome::NotPartner;
         };
         let trimmed = href.trim_start_matches(is_url_edge);
         let start = href.len() - trimmed.len();
         let end = start + trimmed.trim_end_matches(is_url_edge).len();
-        let url = &href[start..end];
+        let written = &href[start..end];
+        // An href without a query of its own (empty, `#top`, `https:`) can inherit its base's
+        // query; inserting `?kmi=` into the text would drop that query, so such a link is written
+        // out in full as the URL it resolves to.
+        let own_query = written.split('#').next().unwrap_or_default().contains('?');
+        let url: Cow<str> = if !own_query && resolved.query().is_some() {
+            Cow::Owned(resolved.to_string())
+        } else {
+            Cow::Borrowed(written)
+        };
+        let url = url.as_ref();
 
         let body_end = url.find('#').unwrap_or(url.len());
         let query = url[..body_end].find('?').map(|q| q + 1..body_end);
@@ -172,7 +182,9 @@ impl Decorator {
                 out.push_str(&url[..body_end]);
                 match &query {
                     None => out.push('?'),
-                    Some(_) if url[..body_end].ends_with(['?', '&']) => {}
+                    // A bare `?` (empty query) or a trailing `&` needs no second separator; a
+                    // `?` at the end of a value (`?q=why?`) is data, not a separator.
+                    Some(q) if q.is_empty() || url[..body_end].ends_with('&') => {}
                     Some(_) => out.push('&'),
                 }
                 self.push_pair(&mut out, id);
@@ -338,6 +350,48 @@ mod tests {
     #[test]
     fn tabs_in_the_parameter_name_do_not_hide_it() {
         check("https://checkout.partner.com/p?k\tmi=1", None);
+    }
+
+    #[test]
+    fn a_question_mark_at_the_end_of_a_value_is_data() {
+        // Found by fuzzing: `?q=why?` ended in `?kmi=`, so the partner read q="why?kmi=...".
+        check(
+            "https://checkout.partner.com/s?q=why?",
+            Some(&format!("https://checkout.partner.com/s?q=why?&{ID}")),
+        );
+        check(
+            "https://checkout.partner.com/s??",
+            Some(&format!("https://checkout.partner.com/s??&{ID}")),
+        );
+    }
+
+    #[test]
+    fn a_link_inheriting_its_bases_query_keeps_it() {
+        // Found by fuzzing: `#top` against a base with a query resolves to that query; inserting
+        // `?kmi=` into the text would have dropped it.
+        let base = "https://checkout.partner.com/doc?x=1&y=2";
+        check_with(
+            Existing::Keep,
+            base,
+            "#top",
+            Some(&format!(
+                "https://checkout.partner.com/doc?x=1&y=2&{ID}#top"
+            )),
+        );
+        check_with(
+            Existing::Keep,
+            base,
+            "",
+            Some(&format!("https://checkout.partner.com/doc?x=1&y=2&{ID}")),
+        );
+        check_with(
+            Existing::Keep,
+            "https://checkout.partner.com/doc?kmi=old",
+            "#top",
+            None,
+        );
+        // A link with a path of its own does not inherit the query.
+        check_with(Existing::Keep, base, "next", Some(&format!("next?{ID}")));
     }
 
     #[test]
