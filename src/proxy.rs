@@ -46,6 +46,9 @@ impl Scheme {
     }
 }
 
+/// Reads one setting of a configuration, as text to compare and report.
+type ReadSetting = fn(&Config) -> String;
+
 /// Shared by every connection: the current configuration with its origin client, and the metrics.
 pub struct Proxy {
     /// Swapped whole on reload; each request keeps the snapshot it started with, so in-flight
@@ -183,54 +186,36 @@ impl Proxy {
     /// effect at start-up (listeners, limits, log format) are returned as warnings to report.
     pub fn reload(&self, config: Config) -> Vec<String> {
         let old = self.config();
-        let mut restart = Vec::new();
-        let mut check = |what: &str, before: String, after: String| {
-            if before != after {
-                restart.push(format!(
-                    "{what} changed from {before} to {after}: restart kmi-proxy to apply it"
-                ));
-            }
-        };
-        check(
-            "listen",
-            format!("{:?}", old.listen),
-            format!("{:?}", config.listen),
-        );
-        check(
-            "listen_tls",
-            format!("{:?}", old.listen_tls),
-            format!("{:?}", config.listen_tls),
-        );
-        check(
-            "admin.listen",
-            format!("{:?}", old.admin),
-            format!("{:?}", config.admin),
-        );
-        check(
-            "limits.max_connections",
-            old.limits.max_connections.to_string(),
-            config.limits.max_connections.to_string(),
-        );
-        check(
-            "limits.max_header_bytes",
-            old.limits.max_header_bytes.to_string(),
-            config.limits.max_header_bytes.to_string(),
-        );
-        check(
-            "timeouts.client_header",
-            format!("{:?}", old.timeouts.client_header),
-            format!("{:?}", config.timeouts.client_header),
-        );
-        check(
-            "timeouts.client_idle",
-            format!("{:?}", old.timeouts.client_idle),
-            format!("{:?}", config.timeouts.client_idle),
-        );
-        check(
-            "log.format",
-            format!("{:?}", old.log_format),
-            format!("{:?}", config.log_format),
-        );
+        // Settings read once when the server starts: a change needs a restart.
+        let start_only: [(&str, ReadSetting); 8] = [
+            ("listen", |c| format!("{:?}", c.listen)),
+            ("listen_tls", |c| format!("{:?}", c.listen_tls)),
+            ("admin.listen", |c| format!("{:?}", c.admin)),
+            ("limits.max_connections", |c| {
+                c.limits.max_connections.to_string()
+            }),
+            ("limits.max_header_bytes", |c| {
+                c.limits.max_header_bytes.to_string()
+            }),
+            ("timeouts.client_header", |c| {
+                format!("{:?}", c.timeouts.client_header)
+            }),
+            ("timeouts.client_idle", |c| {
+                format!("{:?}", c.timeouts.client_idle)
+            }),
+            ("log.format", |c| format!("{:?}", c.log_format)),
+        ];
+        let restart = start_only
+            .iter()
+            .filter_map(|(what, read)| {
+                let (before, after) = (read(&old), read(&config));
+                (before != after).then(|| {
+                    format!(
+                        "{what} changed from {before} to {after}: restart kmi-proxy to apply it"
+                    )
+                })
+            })
+            .collect();
         self.current
             .store(Arc::new(Snapshot::new(Arc::new(config))));
         Metrics::reason(&self.metrics.config_reloads, "ok");
