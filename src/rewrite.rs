@@ -247,7 +247,8 @@ impl LinkHandler {
         self.base_seen = true;
         if let Some(raw) = el.get_attribute("href") {
             let href = htmlize::unescape_attribute(raw.as_str());
-            self.base = self.page_url.join(href.trim_matches(is_html_space)).ok();
+            // The URL parser strips surrounding C0 controls and spaces, HTML's whitespace included.
+            self.base = self.page_url.join(&href).ok();
         }
     }
 
@@ -362,10 +363,6 @@ impl LinkHandler {
 /// Whether two URLs name the same document (they may differ in their fragment).
 fn same_document(a: &Url, b: &Url) -> bool {
     a[..url::Position::AfterQuery] == b[..url::Position::AfterQuery]
-}
-
-fn is_html_space(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\x0C' | '\r' | ' ')
 }
 
 /// Rewrites a whole page held in memory through the same code path as the proxy, feeding it in
