@@ -86,7 +86,7 @@ impl Decorator {
     /// host, and its `paths` when it has some).
     fn resolve(&self, href: &str, base: &Url) -> Option<(PartnerIndex, Url)> {
         let href = href.trim_matches(is_url_edge);
-        if !could_be_http(href) {
+        if !could_be_http(href) || !self.may_reach_partner(href, base) {
             return None;
         }
         let url = base.join(href).ok()?;
@@ -96,6 +96,75 @@ impl Decorator {
             return None;
         }
         Some((partner, url))
+    }
+
+    /// The text-only pre-check run before the URL parser: `false` means `href` (trimmed, with an
+    /// http(s) scheme or none) certainly does not resolve to a partner host; `true` means "parse
+    /// it to know". Most links on a page are relative links to the (non-partner) site itself or
+    /// plain `https://host/...` links to other hosts; they are answered here without parsing or
+    /// allocating. Anything unusual (tabs or newlines, which the parser deletes; backslashes; a
+    /// scheme without `//`; percent signs, non-ASCII or IP-looking hosts) goes to the parser.
+    fn may_reach_partner(&self, href: &str, base: &Url) -> bool {
+        let bytes = href.as_bytes();
+        if bytes.iter().any(|&b| matches!(b, b'\t' | b'\n' | b'\r')) {
+            return true;
+        }
+        let has_prefix =
+            |p: &[u8]| bytes.len() >= p.len() && bytes[..p.len()].eq_ignore_ascii_case(p);
+        let authority = if has_prefix(b"https://") {
+            &href[8..]
+        } else if has_prefix(b"http://") {
+            &href[7..]
+        } else if bytes.starts_with(b"//") {
+            // Scheme-relative: the base's scheme, this host.
+            if !matches!(base.scheme(), "http" | "https") {
+                return false;
+            }
+            &href[2..]
+        } else if has_scheme(href) || bytes.len() >= 2 && is_slash(bytes[0]) && is_slash(bytes[1]) {
+            // `https:host`, `http:/host`, `/\host`, `\\host`: the parser's special cases.
+            return true;
+        } else {
+            // Relative: it stays on the base's host.
+            return matches!(base.scheme(), "http" | "https")
+                && base
+                    .host_str()
+                    .is_some_and(|h| self.partners.match_host(h).is_some());
+        };
+        let end = authority
+            .find(['/', '\\', '?', '#'])
+            .unwrap_or(authority.len());
+        let authority = &authority[..end];
+        // Userinfo ends at the last `@`; the port starts at the first `:` after it.
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        let host = host.split(':').next().unwrap_or(host);
+        let mut lower = [0u8; 255];
+        if host.is_empty()
+            || host.len() > lower.len()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return true;
+        }
+        let lower = &mut lower[..host.len()];
+        lower.copy_from_slice(host.as_bytes());
+        lower.make_ascii_lowercase();
+        let lower = std::str::from_utf8(lower).expect("ASCII");
+        // A host ending in a number is an IPv4 address in some notation (`0x7f.1`): parse it.
+        let last = lower.strip_suffix('.').unwrap_or(lower);
+        let last = last.rsplit('.').next().unwrap_or(last);
+        let hex = last.strip_prefix("0x").unwrap_or("-");
+        if last.is_empty()
+            || last.bytes().all(|b| b.is_ascii_digit())
+            || hex.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return true;
+        }
+        // An ASCII domain of letters, digits, hyphens and dots is what the parser would give
+        // (lower-cased); it either fails to parse (an invalid `xn--` label, a bad port) or has
+        // exactly this host.
+        self.partners.match_host(lower).is_some()
     }
 
     /// The partner whose host an absolute http(s) URL is on (paths are not considered).
@@ -225,6 +294,22 @@ fn could_be_http(href: &str) -> bool {
         }
         _ => true,
     }
+}
+
+fn is_slash(b: u8) -> bool {
+    b == b'/' || b == b'\\'
+}
+
+/// Whether `href` starts with a scheme (`letter *(letter / digit / + / - / .) :`).
+fn has_scheme(href: &str) -> bool {
+    let bytes = href.as_bytes();
+    if !bytes.first().is_some_and(u8::is_ascii_alphabetic) {
+        return false;
+    }
+    bytes
+        .iter()
+        .find(|&&b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
+        .is_some_and(|&b| b == b':')
 }
 
 /// The byte ranges (within `url`) of every `name=value` pair in `query` whose name, once

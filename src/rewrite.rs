@@ -261,7 +261,10 @@ impl LinkHandler {
         if raw.contains('\u{FFFD}') {
             return None;
         }
-        let value = htmlize::unescape_attribute(raw.as_str()).into_owned();
+        let value = match htmlize::unescape_attribute(raw.as_str()) {
+            std::borrow::Cow::Borrowed(_) => raw,
+            std::borrow::Cow::Owned(decoded) => decoded,
+        };
         if decorate::is_fragment_only(&value) && same_document(self.base(), &self.page_url) {
             return None;
         }

@@ -349,6 +349,40 @@ proptest! {
         );
     }
 
+    /// The decorator answers most links from their text before any URL parsing; for the shapes
+    /// where text and parser could disagree (case, userinfo, ports, backslashes, missing
+    /// slashes, percent signs, punycode, IPv4 in any notation, trailing dots, tabs, bases on
+    /// other schemes) its verdict is still the parser's.
+    #[test]
+    fn the_text_pre_check_agrees_with_the_parser(
+        prefix in prop_oneof![
+            Just(""), Just("https://"), Just("HTTP://"), Just("hTtPs://"), Just("//"), Just("http:"),
+            Just("https:/"), Just("https:///"), Just("/\\"), Just("\\\\"), Just("http:\\\\"),
+            Just("ht\ttps://"), Just("/"), Just("./"),
+        ],
+        userinfo in prop_oneof![Just(""), Just("partner.com@"), Just("a:b@"), Just("x@y@")],
+        host in "[a-zA-Z0-9.%_-]{0,4}(partner\\.(com|net)|PARTNER\\.NET|pArTnEr\\.CoM|xn--[a-z0-9-]{1,8}|0x[0-9a-fA-F]{0,3}|[0-9]{1,3}|%2e|\\.\\.)?\\.?",
+        port in prop_oneof![Just(""), Just(":443"), Just(":"), Just(":x"), Just(":99999")],
+        tail in prop_oneof![Just(""), Just("/"), Just("\\x"), Just("?a"), Just("#b"), Just("/p@q"), Just("\n/")],
+        base in prop_oneof![
+            Just(PAGE), Just("https://x.partner.net/app/"), Just("http://partner.com./"),
+            Just("ftp://x.partner.net/"), Just("https://PARTNER.com:8443/d/"),
+        ],
+        id in visitor_id(),
+    ) {
+        let href = format!("{prefix}{userinfo}{host}{port}{tail}");
+        let base = Url::parse(base).unwrap();
+        let outcome = decorator().decorate(&href, &base, &id);
+        prop_assert_eq!(
+            !matches!(outcome, Outcome::NotPartner),
+            is_partner_link(&href, &base),
+            "href {:?} against {} resolves to {:?}",
+            href,
+            base,
+            base.join(&href).map(String::from)
+        );
+    }
+
     /// Decoration adds exactly one `kmi=<id>` at the end of the query and changes nothing else:
     /// as read by the `url` crate, and byte for byte in the text the page wrote.
     #[test]
