@@ -13,12 +13,6 @@ use kmi_proxy::identity::VisitorId;
 use kmi_proxy::rewrite::{self, Charset, Page};
 use kmi_proxy::server::{Handle, Server};
 
-/// mimalloc instead of the system allocator: the proxy allocates and frees many small, short-lived
-/// buffers per request on several threads, where glibc's malloc showed up at ~10% of a profile
-/// under load (see the README's performance section).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     version,
