@@ -1,6 +1,13 @@
-//! Rewriting throughput on real pages: the proxy's rewriter (`rewrite_chunks`, partner links
-//! decorated) against lol_html with no handlers at all over the same bytes and chunks, in one
-//! criterion group per page so the report puts the two side by side.
+//! Rewriting throughput on real pages, in one criterion group per page so the report puts the
+//! contenders side by side over the same bytes and chunks:
+//!
+//! - `kmi_rewrite`: the proxy's rewriter (`rewrite_chunks`, partner links decorated);
+//! - `lol_html_no_handlers`: lol_html with no handlers at all (the performance issue's baseline);
+//! - `lol_html_noop_handler`: lol_html with the rewriter's own selectors and settings and a handler
+//!   that does nothing: what lol_html costs for this job before any of ours.
+//!
+//! After the run it prints, per page, the rewriter's throughput as a fraction of each baseline
+//! (from criterion's estimates under `target/criterion`, or `$CRITERION_HOME`).
 //!
 //! Full run:        cargo bench --bench rewrite
 //! Quick (for CI):  cargo bench --bench rewrite -- --quick
@@ -16,12 +23,12 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use kmi_proxy::config::DEFAULT_MEMORY_LIMIT;
 use kmi_proxy::decorate::{Decorator, Existing};
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::partner::{DomainPattern, PartnerSet};
-use kmi_proxy::rewrite::{rewrite_chunks, Charset, Page};
+use kmi_proxy::rewrite::{rewrite_chunks, selectors, Charset, Page};
 use url::Url;
 
 /// The proxy sees the origin's body in frames of about this size.
@@ -189,6 +196,35 @@ fn baseline(input: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The floor: lol_html with the rewriter's selectors and settings (a page without a declared
+/// charset, as these are fed) and a handler that does nothing.
+fn noop_handler(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 8);
+    let settings = lol_html::Settings::new()
+        .append_element_content_handler(lol_html::element!(selectors(false), |_el| Ok(())))
+        .with_adjust_charset_on_meta_tag(true)
+        .with_strict(false)
+        .with_memory_settings(
+            lol_html::MemorySettings::new()
+                .with_max_allowed_memory_usage(DEFAULT_MEMORY_LIMIT)
+                .with_graceful_bail_out_on_memory_limit_exceeded(true),
+        );
+    let mut rewriter = lol_html::HtmlRewriter::new(settings, |c: &[u8]| out.extend_from_slice(c));
+    for chunk in input.chunks(CHUNK) {
+        rewriter
+            .write(chunk)
+            .expect("lol_html no-op handler failed");
+    }
+    rewriter.end().expect("lol_html no-op handler failed");
+    out
+}
+
+const CONTENDERS: [&str; 3] = [
+    "kmi_rewrite",
+    "lol_html_no_handlers",
+    "lol_html_noop_handler",
+];
+
 fn bench_rewrite(c: &mut Criterion) {
     let id = VisitorId::new(ID).unwrap();
     for s in subjects() {
@@ -215,15 +251,71 @@ fn bench_rewrite(c: &mut Criterion) {
             s.name
         );
 
+        assert_eq!(
+            noop_handler(&s.bytes),
+            s.bytes,
+            "lol_html with a no-op handler changed {}",
+            s.name
+        );
+
         let mut group = c.benchmark_group(&s.name);
         group.throughput(Throughput::Bytes(s.bytes.len() as u64));
-        group.bench_function("kmi_rewrite", |b| b.iter(|| black_box(rewrite(&s, &id))));
-        group.bench_function("lol_html_no_handlers", |b| {
+        group.bench_function(CONTENDERS[0], |b| b.iter(|| black_box(rewrite(&s, &id))));
+        group.bench_function(CONTENDERS[1], |b| {
             b.iter(|| black_box(baseline(black_box(&s.bytes))))
+        });
+        group.bench_function(CONTENDERS[2], |b| {
+            b.iter(|| black_box(noop_handler(black_box(&s.bytes))))
         });
         group.finish();
     }
 }
 
+/// Mean time per iteration in nanoseconds, from the estimates criterion just wrote.
+fn mean_ns(group: &str, function: &str) -> Option<f64> {
+    let home = std::env::var_os("CRITERION_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion"));
+    let path = home.join(group).join(function).join("new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+/// Per page: MiB/s of each contender and the rewriter's share of each baseline.
+fn print_ratios() {
+    println!("\n== rewriter throughput as a fraction of lol_html's (means of this run) ==");
+    for s in subjects() {
+        let mibs: Vec<Option<f64>> = CONTENDERS
+            .iter()
+            .map(|f| {
+                mean_ns(&s.name, f).map(|ns| s.bytes.len() as f64 / (ns / 1e9) / (1 << 20) as f64)
+            })
+            .collect();
+        let show = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.0} MiB/s"));
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "?".to_owned(),
+        };
+        println!(
+            "{}: kmi_rewrite {}, no handlers {}, no-op handler {}; kmi / no handlers = {} (issue target >= 0.8), kmi / no-op handler = {}",
+            s.name,
+            show(mibs[0]),
+            show(mibs[1]),
+            show(mibs[2]),
+            ratio(mibs[0], mibs[1]),
+            ratio(mibs[0], mibs[2]),
+        );
+    }
+}
+
 criterion_group!(benches, bench_rewrite);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    // `cargo test --benches` runs this binary without measuring: nothing to report then.
+    if !std::env::args().any(|a| a == "--test" || a == "--list") {
+        print_ratios();
+    }
+}

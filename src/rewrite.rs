@@ -99,6 +99,17 @@ impl RewriteStats {
     }
 }
 
+/// The CSS selectors the rewriter hands to lol_html. Forms cost a selector match per `<form>`;
+/// they are only asked for when a partner wants them. (Public so the benchmark can measure
+/// lol_html with exactly these selectors and no work in the handler.)
+pub fn selectors(forms: bool) -> &'static str {
+    if forms {
+        "a[href], area[href], base[href], form"
+    } else {
+        "a[href], area[href], base[href]"
+    }
+}
+
 type Sink = Box<dyn FnMut(&[u8]) + Send>;
 
 /// The largest piece of input handed to lol_html in one call.
@@ -139,12 +150,7 @@ impl PageRewriter {
             Charset::Declared(e) => (e, false),
             Charset::Sniffed => (encoding_rs::UTF_8, true),
         };
-        // Forms cost a selector match per `<form>`; only ask for them when a partner wants them.
-        let selector = if links.decorator.partners.any_forms() {
-            "a[href], area[href], base[href], form"
-        } else {
-            "a[href], area[href], base[href]"
-        };
+        let selector = selectors(links.decorator.partners.any_forms());
         let settings = Settings::new_send()
             .append_element_content_handler(element!(selector, move |el| {
                 links.handle(el);
