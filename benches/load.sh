@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Bounded load test: kmi-proxy side by side with a plain nginx proxy_pass, both in front of the
-# same nginx origin serving a real page (the cloudflare.com corpus page, ~116 KiB of HTML).
+# Side by side under load: kmi-proxy against nginx, on one machine, in one run. An nginx origin
+# serves a real page (the cloudflare.com corpus page, ~116 KiB of HTML) and a 100 MiB binary
+# file; in front of it, three contenders:
 #
-#   benches/load.sh                     # from anywhere; 1 to 1.5 min after the build
-#   LOAD_SECONDS=30 benches/load.sh     # a longer measured run
+#   proxy_pass   nginx `proxy_pass` (the pass-through ceiling: no parsing, no rewriting);
+#   sub_filter   nginx `proxy_pass` + `sub_filter` replacing the three partner hosts'
+#                `href="https://host/` prefixes with one carrying `?kmi=$cookie_km_ai` (the peer a
+#                user would pick instead: plain string replacement, wrong for every link with a
+#                path, but what nginx offers);
+#   kmi-proxy    the release binary, upstream = the origin, partners = those three hosts.
+#
+#   benches/load.sh                           # ~4 min after the build (ROUNDS=3, LOAD_SECONDS=10)
+#   ROUNDS=5 LOAD_SECONDS=10 benches/load.sh  # the README's figures
 #
 # Loopback only, bounded in time; everything it starts lives in a temporary directory and is
 # stopped on exit by its saved PID (nginx by `nginx -s stop` with its own pid file).
@@ -11,30 +19,38 @@
 #   1. installs what a fresh Debian machine lacks (as root: nginx, wrk, curl, python3) and runs
 #      `cargo build --release`;
 #   2. one nginx (its own nginx.conf, pid file and error log in the temporary directory; access
-#      log off) is the origin, serving the page as text/html; charset=utf-8, and on another port
-#      a plain proxy_pass reverse proxy to that origin: the contender;
-#   3. kmi-proxy with upstream = the origin and three cloudflare.com partner domains, so every
-#      response to a visitor with an identity cookie is rewritten and its partner links decorated;
-#   4. a warm-up through kmi-proxy (rounds of WARMUP_SECONDS until its peak RSS settles), then the
-#      measured run (`wrk --latency`, CONNS connections, LOAD_SECONDS seconds, cookie km_ai=...),
-#      then the same run against nginx proxy_pass;
-#   5. checks, any failure exits non-zero: kmi-proxy served no non-2xx response and wrk saw no
-#      socket error; one curl shows the page decorated (kmi=<the id> in a partner link); RSS after
-#      the measured run is no more than 10% above RSS after the warm-up (no leak); the admin
-#      /metrics counted the measured requests as kmi_proxy_responses_total{reason="rewritten"}.
+#      log off) is the origin and, on two more ports, the proxy_pass and sub_filter contenders;
+#   3. kmi-proxy, configured as deployed (admin listener, access log to a file); its RSS before
+#      any request is the idle RSS;
+#   4. sanity: each contender returns the page (kmi-proxy and sub_filter with the ID in partner
+#      links, proxy_pass byte for byte); then a warm-up through kmi-proxy (rounds of
+#      WARMUP_SECONDS until its peak RSS settles);
+#   5. ROUNDS rounds; in each, for every connection count in CONNS_LIST, every contender gets
+#      `wrk --latency -cN -dLOAD_SECONDS` with a km_ai cookie, in an order that rotates from round
+#      to round (no contender always runs first on a cool machine or last on a hot one);
+#   6. the 100 MiB file through proxy_pass and kmi-proxy with curl, BINARY_ROUNDS times each,
+#      alternating;
+#   7. medians over the rounds, the ratios and the performance issue's targets, printed as met or
+#      NOT met (measurements on a shared machine: reported, not asserted); then the checks, where
+#      any failure exits non-zero: kmi-proxy served no non-2xx response and wrk saw no socket
+#      error; the binary arrived whole; RSS after the measured runs is no more than 10% above RSS
+#      after the warm-up (no leak); the admin /metrics counted the measured requests as rewritten.
 #
-# Environment: LOAD_SECONDS (15), WARMUP_SECONDS (5, per round), WARMUP_ROUNDS_MAX (8),
-# CONNS (256), THREADS (2), KMI_CORPUS (directory holding cloudflare.com.html; default
-# ../shared/corpus from the repository root), KEEP_WORK=1 keeps the temporary directory (configs,
-# logs, wrk output) for inspection.
+# Environment: ROUNDS (3), LOAD_SECONDS (10), CONNS_LIST ("32 256"), BINARY_ROUNDS (3),
+# WARMUP_SECONDS (5, per round), WARMUP_ROUNDS_MAX (8), THREADS (2), KMI_CORPUS (directory
+# holding cloudflare.com.html; default ../shared/corpus from the repository root), KEEP_WORK=1
+# keeps the temporary directory (configs, logs, wrk output) for inspection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LOAD_SECONDS=${LOAD_SECONDS:-15}
+ROUNDS=${ROUNDS:-3}
+LOAD_SECONDS=${LOAD_SECONDS:-10}
+CONNS_LIST=${CONNS_LIST:-32 256}
+BINARY_ROUNDS=${BINARY_ROUNDS:-3}
+BINARY_MIB=100
 WARMUP_SECONDS=${WARMUP_SECONDS:-5}
 WARMUP_ROUNDS_MAX=${WARMUP_ROUNDS_MAX:-8}
 WARMUP_SETTLE_PCT=2
-CONNS=${CONNS:-256}
 THREADS=${THREADS:-2}
 CORPUS_DIR=${KMI_CORPUS:-../shared/corpus}
 PAGE="$CORPUS_DIR/cloudflare.com.html"
@@ -42,6 +58,8 @@ ID='Zk9%2BaB%2Fc3Q%3D%3D'
 COOKIE="km_ai=$ID"
 DECORATED="kmi=$ID"
 RSS_GROWTH_MAX_PCT=10
+PARTNERS=(dash.cloudflare.com support.cloudflare.com community.cloudflare.com)
+CONTENDERS=(proxy_pass sub_filter kmi-proxy)
 
 say() { printf '%s\n' "$*"; }
 die() {
@@ -49,9 +67,16 @@ die() {
     exit 1
 }
 
-for v in LOAD_SECONDS WARMUP_SECONDS WARMUP_ROUNDS_MAX CONNS THREADS; do
+for v in ROUNDS LOAD_SECONDS BINARY_ROUNDS WARMUP_SECONDS WARMUP_ROUNDS_MAX THREADS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, not '${!v}'"
 done
+CONNS_MAX=0
+for c in $CONNS_LIST; do
+    [[ $c =~ ^[1-9][0-9]*$ ]] || die "CONNS_LIST must hold positive whole numbers, not '$c'"
+    [ "$c" -ge "$THREADS" ] || die "every connection count must be at least THREADS ($THREADS), not $c"
+    [ "$c" -gt "$CONNS_MAX" ] && CONNS_MAX=$c
+done
+[ "$CONNS_MAX" -gt 0 ] || die "CONNS_LIST is empty"
 [ -r "$PAGE" ] || die "corpus page $PAGE not found (set KMI_CORPUS to the directory holding it)"
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +117,9 @@ fi
 
 # Room for every socket: wrk's, the proxies' both sides, the origin's.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-need=$((CONNS * 4 + 256))
+need=$((CONNS_MAX * 4 + 256))
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$need" ] ||
-    die "open-file limit $(ulimit -n) is below $need; raise it or lower CONNS"
+    die "open-file limit $(ulimit -n) is below $need; raise it or lower CONNS_LIST"
 
 # ---------------------------------------------------------------------------------------------
 # Cleanup: only what this script started, by saved PID / own pid file.
@@ -154,7 +179,7 @@ for _ in range(int(sys.argv[1])):
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
-read -r ORIGIN_PORT NGINX_PROXY_PORT PROXY_PORT ADMIN_PORT < <(free_ports 4)
+read -r ORIGIN_PORT NGINX_PROXY_PORT NGINX_SUB_PORT PROXY_PORT ADMIN_PORT < <(free_ports 5)
 
 wait_http() { # URL, what, PID to watch (optional)
     for _ in $(seq 100); do
@@ -168,14 +193,22 @@ wait_http() { # URL, what, PID to watch (optional)
 }
 
 # ---------------------------------------------------------------------------------------------
-# 2. nginx: the origin and the proxy_pass contender, one master with its own files.
-mkdir -p "$WORK/www"
+# ---------------------------------------------------------------------------------------------
+# 2. nginx: the origin and the two nginx contenders, one master with its own files.
+mkdir -p "$WORK/www" "$WORK/tmp"
 cp "$PAGE" "$WORK/www/index.html"
+head -c "$((BINARY_MIB * 1024 * 1024))" /dev/urandom >"$WORK/www/big.bin"
+# sub_filter: every `href="https://<partner>/` gains the cookie's value, as an operator would
+# write it. (nginx reads $cookie_km_ai as the raw, still URL-encoded cookie value.)
+sub_filters=
+for p in "${PARTNERS[@]}"; do
+    sub_filters+="            sub_filter 'href=\"https://$p/' 'href=\"https://$p/?kmi=\$cookie_km_ai&amp;';"$'\n'
+done
 # As root, nginx's workers would run as nobody, who cannot enter mktemp's private (0700)
 # directory; as another user they run as that user anyway.
 user_line=
 [ "$(id -u)" = 0 ] && user_line="user root;"
-cat >"$WORK/nginx.conf" <<EOF
+cat >"$WORK/nginx.conf" <<NGINX
 $user_line
 worker_processes auto;
 worker_rlimit_nofile 16384;
@@ -189,9 +222,8 @@ events {
 
 http {
     access_log off;
-    types { text/html html; }
+    types { text/html html; application/octet-stream bin; }
     default_type text/html;
-    charset utf-8;
     sendfile on;
     tcp_nodelay on;
     # Neither wrk's connections nor the proxies' pooled ones to the origin are recycled mid-run.
@@ -203,20 +235,22 @@ http {
     uwsgi_temp_path $WORK/tmp/uwsgi;
     scgi_temp_path $WORK/tmp/scgi;
 
-    # The origin: the corpus page at every path.
+    # The origin: the corpus page at every path, and /big.bin.
     server {
         listen 127.0.0.1:$ORIGIN_PORT;
         root $WORK/www;
         location / {
+            charset utf-8;
             try_files /index.html =404;
+        }
+        location = /big.bin {
         }
     }
 
-    # The contender: a plain reverse proxy to the same origin, with a keep-alive pool as
-    # kmi-proxy has.
+    # Both nginx contenders keep a pool of connections to the origin, as kmi-proxy does.
     upstream origin {
         server 127.0.0.1:$ORIGIN_PORT;
-        keepalive $CONNS;
+        keepalive $CONNS_MAX;
         keepalive_requests 10000000;
     }
     server {
@@ -228,9 +262,21 @@ http {
             proxy_set_header Host \$host;
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX_SUB_PORT;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            # sub_filter cannot read a compressed body.
+            proxy_set_header Accept-Encoding "";
+            sub_filter_once off;
+$sub_filters
+        }
+    }
 }
-EOF
-mkdir -p "$WORK/tmp"
+NGINX
 nginx_ctl -t -q || die "nginx rejected $WORK/nginx.conf"
 NGINX_STARTED=1
 nginx_ctl
@@ -242,12 +288,14 @@ done
 NGINX_PID=$(cat "$WORK/nginx.pid")
 wait_http "http://127.0.0.1:$ORIGIN_PORT/" "the nginx origin" "$NGINX_PID"
 wait_http "http://127.0.0.1:$NGINX_PROXY_PORT/" "the nginx proxy" "$NGINX_PID"
+wait_http "http://127.0.0.1:$NGINX_SUB_PORT/" "the nginx sub_filter proxy" "$NGINX_PID"
 ctype=$(curl -fsS -o /dev/null -w '%{content_type}' "http://127.0.0.1:$ORIGIN_PORT/")
 [ "$ctype" = "text/html; charset=utf-8" ] || die "the origin serves Content-Type '$ctype'"
 
 # ---------------------------------------------------------------------------------------------
 # 3. kmi-proxy, configured for the page's partner links.
-cat >"$WORK/kmi-proxy.toml" <<EOF
+partner_list=$(printf '"%s", ' "${PARTNERS[@]}")
+cat >"$WORK/kmi-proxy.toml" <<TOML
 listen = "127.0.0.1:$PROXY_PORT"
 upstream = "http://127.0.0.1:$ORIGIN_PORT"
 shutdown_timeout = "2s"
@@ -263,8 +311,8 @@ max_connections = 10000
 
 [[partner]]
 name = "cloudflare"
-domains = ["dash.cloudflare.com", "support.cloudflare.com", "community.cloudflare.com"]
-EOF
+domains = [${partner_list%, }]
+TOML
 "$BIN" check --config "$WORK/kmi-proxy.toml" >/dev/null 2>"$WORK/check.err" ||
     die "kmi-proxy check rejected the config: $(cat "$WORK/check.err")"
 # One access-log line per request: to a file, never to a terminal.
@@ -272,8 +320,13 @@ EOF
 PROXY_PID=$!
 wait_http "http://127.0.0.1:$ADMIN_PORT/readyz" "kmi-proxy" "$PROXY_PID"
 
-PROXY_URL="http://127.0.0.1:$PROXY_PORT/"
-NGINX_URL="http://127.0.0.1:$NGINX_PROXY_PORT/"
+url_of() { # contender
+    case $1 in
+        proxy_pass) echo "http://127.0.0.1:$NGINX_PROXY_PORT/" ;;
+        sub_filter) echo "http://127.0.0.1:$NGINX_SUB_PORT/" ;;
+        kmi-proxy) echo "http://127.0.0.1:$PROXY_PORT/" ;;
+    esac
+}
 
 # ---------------------------------------------------------------------------------------------
 # Helpers over /proc and wrk's output.
@@ -302,19 +355,27 @@ to_ms() {
     awk -v v="$1" 'BEGIN {
         if (match(v, /^[0-9.]+/)) { n = substr(v, 1, RLENGTH); u = substr(v, RLENGTH + 1) } else { print "?"; exit }
         f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : (u == "h") ? 3600000 : -1
-        if (f < 0) print "?"; else printf "%.2f\n", n * f
+        if (f < 0) print "?"; else printf "%.3f\n", n * f
     }'
 }
-run_wrk() { # label, seconds, URL, output file
-    say ""
-    say "== $1: wrk -t$THREADS -c$CONNS -d${2}s --latency -H 'Cookie: $COOKIE' $3 =="
-    wrk -t"$THREADS" -c"$CONNS" -d"${2}s" --latency -H "Cookie: $COOKIE" "$3" >"$4" ||
-        die "wrk failed against $3: $(cat "$4")"
-    cat "$4"
+median() {
+    sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) print "?"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2
+    }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "?" || b == "?" || b == 0) print "?"; else printf "%.2f\n", a / b }'; }
+# "met" or "NOT met" for: value, ge|le, bound.
+verdict() {
+    awk -v v="$1" -v op="$2" -v b="$3" 'BEGIN {
+        if (v == "?") { print "unknown"; exit }
+        ok = (op == "ge") ? (v + 0 >= b + 0) : (v + 0 <= b + 0); print ok ? "met" : "NOT met"
+    }'
 }
 
+IDLE_RSS=$(rss_kib "$PROXY_PID")
+
 # ---------------------------------------------------------------------------------------------
-# 4. Decoration check, warm-up, measured runs.
+# 4. Sanity, then the warm-up.
 CHECKS=()
 FAILED=()
 check() { # description, 0 = pass
@@ -326,26 +387,30 @@ check() { # description, 0 = pass
     fi
 }
 
-kmi_bytes=$(curl -fsS --max-time 10 -o "$WORK/decorated.html" -w '%{size_download}' -H "Cookie: $COOKIE" "$PROXY_URL")
 origin_bytes=$(wc -c <"$WORK/www/index.html")
-decorated=$(grep -o -F "$DECORATED" "$WORK/decorated.html" | wc -l)
-say "sanity: GET / through kmi-proxy -> $kmi_bytes bytes (origin page $origin_bytes bytes), $decorated partner links carry $DECORATED"
-check "curl through kmi-proxy: the page is decorated ($decorated x $DECORATED)" "$([ "$decorated" -gt 0 ] && echo 0 || echo 1)"
-nginx_bytes=$(curl -fsS --max-time 10 -o /dev/null -w '%{size_download}' -H "Cookie: $COOKIE" "$NGINX_URL")
-say "sanity: GET / through nginx proxy_pass -> $nginx_bytes bytes"
-[ "$nginx_bytes" = "$origin_bytes" ] || die "nginx proxy_pass returned $nginx_bytes bytes, the origin page has $origin_bytes"
+for c in "${CONTENDERS[@]}"; do
+    bytes=$(curl -fsS --max-time 10 -o "$WORK/page-$c.html" -w '%{size_download}' -H "Cookie: $COOKIE" "$(url_of "$c")")
+    n=$({ grep -o -F "$DECORATED" "$WORK/page-$c.html" || true; } | wc -l)
+    say "sanity: GET / through $c -> $bytes bytes (origin page $origin_bytes bytes), $n links carry $DECORATED"
+    case $c in
+        proxy_pass) cmp -s "$WORK/page-$c.html" "$WORK/www/index.html" || die "nginx proxy_pass changed the page" ;;
+        sub_filter) [ "$n" -gt 0 ] || die "nginx sub_filter substituted nothing; see $WORK/nginx.conf" ;;
+        kmi-proxy) check "curl through kmi-proxy: the page is decorated ($n x $DECORATED)" "$([ "$n" -gt 0 ] && echo 0 || echo 1)" ;;
+    esac
+done
 
-# Warm-up: rounds of WARMUP_SECONDS until the peak RSS (VmHWM) grew by less than
-# WARMUP_SETTLE_PCT over a round, at most WARMUP_ROUNDS_MAX rounds. The allocator's arenas grow
-# to the footprint of the busiest moment of 256 connections: one short round falls short of it,
-# and a measured run that merely reaches it would pass for a leak.
+# Warm-up: rounds of WARMUP_SECONDS at the largest connection count until the peak RSS (VmHWM)
+# grew by less than WARMUP_SETTLE_PCT over a round, at most WARMUP_ROUNDS_MAX rounds. The
+# allocator's arenas grow to the footprint of the busiest moment: one short round falls short of
+# it, and a measured run that merely reaches it would pass for a leak.
+PROXY_URL=$(url_of kmi-proxy)
 say ""
-say "== warm-up through kmi-proxy: rounds of wrk -t$THREADS -c$CONNS -d${WARMUP_SECONDS}s until peak RSS settles =="
+say "== warm-up through kmi-proxy: rounds of wrk -t$THREADS -c$CONNS_MAX -d${WARMUP_SECONDS}s until peak RSS settles =="
 hwm_prev=$(hwm_kib "$PROXY_PID")
 round=0
 while :; do
     round=$((round + 1))
-    wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP_SECONDS}s" -H "Cookie: $COOKIE" "$PROXY_URL" >"$WORK/wrk-warmup.out" ||
+    wrk -t"$THREADS" -c"$CONNS_MAX" -d"${WARMUP_SECONDS}s" -H "Cookie: $COOKIE" "$PROXY_URL" >"$WORK/wrk-warmup.out" ||
         die "wrk failed against $PROXY_URL: $(cat "$WORK/wrk-warmup.out")"
     sleep 1
     rss_warm=$(rss_kib "$PROXY_PID")
@@ -364,65 +429,119 @@ while :; do
 done
 say "kmi-proxy RSS after warm-up ($round rounds): $(mib "$rss_warm")"
 
+# ---------------------------------------------------------------------------------------------
+# 5. Measured rounds: every contender at every connection count, in a rotating order.
+say ""
+say "== $ROUNDS rounds: wrk -t$THREADS -c<conns> -d${LOAD_SECONDS}s --latency -H 'Cookie: $COOKIE' per contender =="
+kmi_requests=0
+kmi_runs=0
+kmi_slack=0
 rewritten_before=$(rewritten_total)
-run_wrk "kmi-proxy (measured)" "$LOAD_SECONDS" "$PROXY_URL" "$WORK/wrk-kmi.out"
+for r in $(seq "$ROUNDS"); do
+    for conns in $CONNS_LIST; do
+        order=()
+        for i in 0 1 2; do
+            order+=("${CONTENDERS[$(((i + r) % 3))]}")
+        done
+        for c in "${order[@]}"; do
+            out="$WORK/wrk-$c-c$conns-r$r.out"
+            wrk -t"$THREADS" -c"$conns" -d"${LOAD_SECONDS}s" --latency -H "Cookie: $COOKIE" "$(url_of "$c")" >"$out" ||
+                die "wrk failed against $c: $(cat "$out")"
+            printf 'round %d, %4d connections, %-10s %9.0f req/s  p50 %9s ms  p99 %9s ms\n' "$r" "$conns" "$c" \
+                "$(wrk_rps "$out")" "$(to_ms "$(wrk_pct "$out" 50)")" "$(to_ms "$(wrk_pct "$out" 99)")"
+            if [ "$c" = kmi-proxy ]; then
+                n=$(wrk_non2xx "$out")
+                check "kmi-proxy, round $r, $conns connections: non-2xx responses = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
+                n=$(wrk_sockerr "$out")
+                check "kmi-proxy, round $r, $conns connections: socket errors = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
+                kmi_requests=$((kmi_requests + $(wrk_requests "$out")))
+                kmi_runs=$((kmi_runs + 1))
+                kmi_slack=$((kmi_slack + conns))
+            else
+                bad=$(($(wrk_non2xx "$out") + $(wrk_sockerr "$out")))
+                if [ "$bad" -gt 0 ]; then
+                    say "warning: $c had $bad non-2xx responses or socket errors in round $r; its figures are suspect" >&2
+                fi
+            fi
+        done
+    done
+done
 sleep 1 # responses cut off when wrk stopped finish their accounting
 rss_after=$(rss_kib "$PROXY_PID")
 hwm=$(hwm_kib "$PROXY_PID")
 rewritten_after=$(rewritten_total)
-say "kmi-proxy RSS after the measured run: $(mib "$rss_after") (peak VmHWM $(mib "$hwm"))"
-
-run_wrk "nginx proxy_pass (measured)" "$LOAD_SECONDS" "$NGINX_URL" "$WORK/wrk-nginx.out"
 
 # ---------------------------------------------------------------------------------------------
-# 5. Checks.
-kmi_req=$(wrk_requests "$WORK/wrk-kmi.out")
-kmi_rps=$(wrk_rps "$WORK/wrk-kmi.out")
-ngx_req=$(wrk_requests "$WORK/wrk-nginx.out")
-ngx_rps=$(wrk_rps "$WORK/wrk-nginx.out")
-[ -n "$kmi_req" ] && [ -n "$kmi_rps" ] && [ -n "$ngx_req" ] && [ -n "$ngx_rps" ] ||
-    die "could not read wrk's output"
+# 6. The binary file through the pass-through ceiling and kmi-proxy, alternating.
+say ""
+say "== ${BINARY_MIB} MiB binary file, $BINARY_ROUNDS rounds each (curl, one connection, with the cookie) =="
+binary_bytes=$((BINARY_MIB * 1024 * 1024))
+for r in $(seq "$BINARY_ROUNDS"); do
+    for c in proxy_pass kmi-proxy; do
+        read -r size speed < <(curl -fsS --max-time 120 -o /dev/null -w '%{size_download} %{speed_download}\n' \
+            -H "Cookie: $COOKIE" "$(url_of "$c")big.bin")
+        if [ "$c" = kmi-proxy ]; then
+            check "kmi-proxy, round $r: the binary arrived whole ($size of $binary_bytes bytes)" \
+                "$([ "$size" = "$binary_bytes" ] && echo 0 || echo 1)"
+        fi
+        awk -v s="$speed" 'BEGIN { printf "%.1f\n", s / 1048576 }' >>"$WORK/binary-$c.txt"
+        printf 'round %d, %-10s %8s MiB/s\n' "$r" "$c" "$(tail -n 1 "$WORK/binary-$c.txt")"
+    done
+done
 
-n=$(wrk_non2xx "$WORK/wrk-kmi.out")
-check "kmi-proxy: non-2xx responses = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
-n=$(wrk_sockerr "$WORK/wrk-kmi.out")
-check "kmi-proxy: socket errors = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
-[ "$kmi_req" -gt 0 ] || check "kmi-proxy: wrk completed requests" 1
-
+# ---------------------------------------------------------------------------------------------
+# 7. Medians, ratios, targets, checks.
 growth_ok=$(awk -v a="$rss_after" -v w="$rss_warm" -v m="$RSS_GROWTH_MAX_PCT" 'BEGIN { print ((a <= w * (1 + m / 100)) ? 0 : 1) }')
 growth_pct=$(awk -v a="$rss_after" -v w="$rss_warm" 'BEGIN { printf "%+.1f", 100 * (a - w) / w }')
-check "kmi-proxy: RSS after run within ${RSS_GROWTH_MAX_PCT}% of RSS after warm-up ($(mib "$rss_warm") -> $(mib "$rss_after"), ${growth_pct}%)" "$growth_ok"
+check "kmi-proxy: RSS after the measured runs within ${RSS_GROWTH_MAX_PCT}% of RSS after warm-up ($(mib "$rss_warm") -> $(mib "$rss_after"), ${growth_pct}%)" "$growth_ok"
 
 # Every request wrk completed was rewritten; wrk also abandons at most one in-flight request per
 # connection when its time is up, which the proxy may have answered (and counted) all the same.
 delta=$((rewritten_after - rewritten_before))
-check "admin /metrics: responses_total{reason=\"rewritten\"} grew by $delta for $kmi_req wrk requests (want $kmi_req..$((kmi_req + CONNS)))" \
-    "$([ "$delta" -ge "$kmi_req" ] && [ "$delta" -le $((kmi_req + CONNS)) ] && echo 0 || echo 1)"
+check "admin /metrics: responses_total{reason=\"rewritten\"} grew by $delta for $kmi_requests wrk requests in $kmi_runs runs (want $kmi_requests..$((kmi_requests + kmi_slack)))" \
+    "$([ "$delta" -ge "$kmi_requests" ] && [ "$delta" -le $((kmi_requests + kmi_slack)) ] && echo 0 || echo 1)"
 
-ngx_bad=$(($(wrk_non2xx "$WORK/wrk-nginx.out") + $(wrk_sockerr "$WORK/wrk-nginx.out")))
-if [ "$ngx_bad" -gt 0 ]; then
-    say "warning: nginx proxy_pass had $ngx_bad non-2xx responses or socket errors; its figures and the ratio are suspect" >&2
-fi
-
-# ---------------------------------------------------------------------------------------------
-# 6. Summary.
-kmi_p50=$(wrk_pct "$WORK/wrk-kmi.out" 50)
-kmi_p99=$(wrk_pct "$WORK/wrk-kmi.out" 99)
-ngx_p50=$(wrk_pct "$WORK/wrk-nginx.out" 50)
-ngx_p99=$(wrk_pct "$WORK/wrk-nginx.out" 99)
-ratio=$(awk -v a="$kmi_rps" -v b="$ngx_rps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
 say ""
-say "== summary: $CONNS connections, ${LOAD_SECONDS} s each, page $origin_bytes bytes, every kmi-proxy response rewritten =="
-printf '%-20s %12s %12s %12s %12s\n' "contender" "requests" "requests/s" "p50 ms" "p99 ms"
-printf '%-20s %12s %12.0f %12s %12s\n' "kmi-proxy" "$kmi_req" "$kmi_rps" "$(to_ms "$kmi_p50")" "$(to_ms "$kmi_p99")"
-printf '%-20s %12s %12.0f %12s %12s\n' "nginx proxy_pass" "$ngx_req" "$ngx_rps" "$(to_ms "$ngx_p50")" "$(to_ms "$ngx_p99")"
-say "requests/s ratio kmi-proxy / nginx proxy_pass: $ratio"
-say "kmi-proxy RSS: after warm-up $(mib "$rss_warm"), after the measured run $(mib "$rss_after") (${growth_pct}%), peak (VmHWM) $(mib "$hwm")"
-say "Note: wrk, nginx (origin and proxy, worker_processes auto) and kmi-proxy all share this machine's"
-say "$(nproc) core(s) over loopback ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU));"
-say "the figures compare the two proxies under the same handicap, not what either does on cores of its own."
-say "During the kmi-proxy run the origin also does work; during the nginx run the same nginx workers serve"
-say "both the proxy and the origin."
+say "== summary: medians over $ROUNDS rounds of ${LOAD_SECONDS} s, page $origin_bytes bytes, cookie $COOKIE =="
+printf '%-6s %-12s %12s %10s %10s %10s\n' "conns" "contender" "requests/s" "p50 ms" "p90 ms" "p99 ms"
+declare -A RPS P50
+for conns in $CONNS_LIST; do
+    for c in "${CONTENDERS[@]}"; do
+        files=("$WORK"/wrk-"$c"-c"$conns"-r*.out)
+        RPS[$c,$conns]=$(for f in "${files[@]}"; do wrk_rps "$f"; done | median)
+        P50[$c,$conns]=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 50)"; done | median)
+        p90=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 90)"; done | median)
+        p99=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 99)"; done | median)
+        printf '%-6s %-12s %12.0f %10s %10s %10s\n' "$conns" "$c" "${RPS[$c,$conns]}" "${P50[$c,$conns]}" "$p90" "$p99"
+    done
+done
+bin_ngx=$(median <"$WORK/binary-proxy_pass.txt")
+bin_kmi=$(median <"$WORK/binary-kmi-proxy.txt")
+say "${BINARY_MIB} MiB binary: proxy_pass $bin_ngx MiB/s, kmi-proxy $bin_kmi MiB/s"
+
+say ""
+say "== the performance issue's targets (ratios of the medians) =="
+for conns in $CONNS_LIST; do
+    r_sub=$(ratio "${RPS[kmi-proxy,$conns]}" "${RPS[sub_filter,$conns]}")
+    r_pass=$(ratio "${RPS[kmi-proxy,$conns]}" "${RPS[proxy_pass,$conns]}")
+    say "$conns connections: requests/s kmi-proxy / sub_filter = $r_sub (target >= 1.0: $(verdict "$r_sub" ge 1.0))"
+    say "$conns connections: requests/s kmi-proxy / proxy_pass = $r_pass (target >= 0.8: $(verdict "$r_pass" ge 0.8))"
+    added=$(awk -v a="${P50[kmi-proxy,$conns]}" -v b="${P50[proxy_pass,$conns]}" 'BEGIN { if (a == "?" || b == "?") print "?"; else printf "%.3f\n", a - b }')
+    if [ "$conns" = 32 ]; then
+        say "32 connections: p50 kmi-proxy - proxy_pass = $added ms (target <= 0.3 ms: $(verdict "$added" le 0.3))"
+    else
+        say "$conns connections: p50 kmi-proxy - proxy_pass = $added ms"
+    fi
+done
+r_bin=$(ratio "$bin_kmi" "$bin_ngx")
+say "binary: throughput kmi-proxy / proxy_pass = $r_bin (target >= 0.95: $(verdict "$r_bin" ge 0.95))"
+say "kmi-proxy idle RSS before any request: $(mib "$IDLE_RSS") (target <= 16 MiB: $(verdict "$IDLE_RSS" le 16384))"
+say "kmi-proxy RSS: after warm-up $(mib "$rss_warm"), after the measured runs $(mib "$rss_after") (${growth_pct}%), peak (VmHWM) $(mib "$hwm")"
+say ""
+say "Note: wrk, nginx (origin and both nginx contenders, worker_processes auto) and kmi-proxy all share"
+say "this machine's $(nproc) core(s) over loopback ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU));"
+say "the figures compare the contenders under the same handicap, not what any of them does on cores of"
+say "its own. The origin's work is part of every contender's run."
 say ""
 say "== checks =="
 printf '%s\n' "${CHECKS[@]}"
