@@ -105,10 +105,10 @@ impl Decorator {
     /// allocating. Anything unusual (tabs or newlines, which the parser deletes; backslashes; a
     /// scheme without `//`; percent signs, non-ASCII or IP-looking hosts) goes to the parser.
     fn may_reach_partner(&self, href: &str, base: &Url) -> bool {
-        let bytes = href.as_bytes();
-        if bytes.iter().any(|&b| matches!(b, b'\t' | b'\n' | b'\r')) {
+        if href.contains(is_tab_or_newline) {
             return true;
         }
+        let bytes = href.as_bytes();
         let has_prefix =
             |p: &[u8]| bytes.len() >= p.len() && bytes[..p.len()].eq_ignore_ascii_case(p);
         let authority = if has_prefix(b"https://") {
@@ -121,7 +121,9 @@ impl Decorator {
                 return false;
             }
             &href[2..]
-        } else if has_scheme(href) || bytes.len() >= 2 && is_slash(bytes[0]) && is_slash(bytes[1]) {
+        } else if scheme_of(href).is_some()
+            || bytes.len() >= 2 && is_slash(bytes[0]) && is_slash(bytes[1])
+        {
             // `https:host`, `http:/host`, `/\host`, `\\host`: the parser's special cases.
             return true;
         } else {
@@ -138,19 +140,19 @@ impl Decorator {
         // Userinfo ends at the last `@`; the port starts at the first `:` after it.
         let host = authority.rsplit('@').next().unwrap_or(authority);
         let host = host.split(':').next().unwrap_or(host);
-        let mut lower = [0u8; 255];
         if host.is_empty()
-            || host.len() > lower.len()
             || !host
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         {
             return true;
         }
-        let lower = &mut lower[..host.len()];
-        lower.copy_from_slice(host.as_bytes());
-        lower.make_ascii_lowercase();
-        let lower = std::str::from_utf8(lower).expect("ASCII");
+        let lower: Cow<str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(host)
+        };
+        let lower = lower.as_ref();
         // A host ending in a number is an IPv4 address in some notation (`0x7f.1`): parse it.
         let last = lower.strip_suffix('.').unwrap_or(lower);
         let last = last.rsplit('.').next().unwrap_or(last);
@@ -283,33 +285,20 @@ pub fn is_fragment_only(href: &str) -> bool {
 /// (`javascript:`, `mailto:`, `tel:`, `data:`, ...) can never be a partner link. Relative links
 /// have no scheme and go on to resolution against the base.
 fn could_be_http(href: &str) -> bool {
-    let scheme_end =
-        href.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')));
-    match scheme_end {
-        Some(i)
-            if i > 0 && href[i..].starts_with(':') && href.as_bytes()[0].is_ascii_alphabetic() =>
-        {
-            let scheme = &href[..i];
-            scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
-        }
-        _ => true,
-    }
+    scheme_of(href).map_or(true, |scheme| {
+        scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
+    })
 }
 
 fn is_slash(b: u8) -> bool {
     b == b'/' || b == b'\\'
 }
 
-/// Whether `href` starts with a scheme (`letter *(letter / digit / + / - / .) :`).
-fn has_scheme(href: &str) -> bool {
-    let bytes = href.as_bytes();
-    if !bytes.first().is_some_and(u8::is_ascii_alphabetic) {
-        return false;
-    }
-    bytes
-        .iter()
-        .find(|&&b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
-        .is_some_and(|&b| b == b':')
+/// The scheme `href` starts with (`letter *(letter / digit / + / - / .) :`), if any.
+fn scheme_of(href: &str) -> Option<&str> {
+    let end = href.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))?;
+    let starts_with_letter = href.as_bytes().first().is_some_and(u8::is_ascii_alphabetic);
+    (starts_with_letter && href[end..].starts_with(':')).then(|| &href[..end])
 }
 
 /// The byte ranges (within `url`) of every `name=value` pair in `query` whose name, once
