@@ -185,21 +185,12 @@ fn rewrite(s: &Subject, id: &VisitorId) -> (Vec<u8>, usize) {
 
 /// The baseline: lol_html parsing the same bytes in the same chunks with nothing to do.
 fn baseline(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len() + input.len() / 8);
-    let mut rewriter = lol_html::HtmlRewriter::new(lol_html::Settings::default(), |c: &[u8]| {
-        out.extend_from_slice(c)
-    });
-    for chunk in input.chunks(CHUNK) {
-        rewriter.write(chunk).expect("lol_html baseline failed");
-    }
-    rewriter.end().expect("lol_html baseline failed");
-    out
+    lol_html_pass(lol_html::Settings::default(), input)
 }
 
 /// The floor: lol_html with the rewriter's selectors and settings (a page without a declared
 /// charset, as these are fed) and a handler that does nothing.
 fn noop_handler(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len() + input.len() / 8);
     let settings = lol_html::Settings::new()
         .append_element_content_handler(lol_html::element!(selectors(false), |_el| Ok(())))
         .with_adjust_charset_on_meta_tag(true)
@@ -209,13 +200,17 @@ fn noop_handler(input: &[u8]) -> Vec<u8> {
                 .with_max_allowed_memory_usage(DEFAULT_MEMORY_LIMIT)
                 .with_graceful_bail_out_on_memory_limit_exceeded(true),
         );
+    lol_html_pass(settings, input)
+}
+
+/// One lol_html pass over `input` in the proxy's chunk size.
+fn lol_html_pass(settings: lol_html::Settings<'_, '_>, input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 8);
     let mut rewriter = lol_html::HtmlRewriter::new(settings, |c: &[u8]| out.extend_from_slice(c));
     for chunk in input.chunks(CHUNK) {
-        rewriter
-            .write(chunk)
-            .expect("lol_html no-op handler failed");
+        rewriter.write(chunk).expect("lol_html failed");
     }
-    rewriter.end().expect("lol_html no-op handler failed");
+    rewriter.end().expect("lol_html failed");
     out
 }
 
