@@ -188,7 +188,7 @@ impl Decorator {
                 href: self.redirect_href(&url),
                 partner,
             },
-            (Mode::Inline, Some(id)) => self.decorate(href, base, id),
+            (Mode::Inline, Some(id)) => self.insert(href, partner, &url, id),
             (Mode::Inline, None) => Outcome::NeedsId { partner },
         }
     }
@@ -202,9 +202,14 @@ impl Decorator {
 
     /// Decorates `href` for `id` when it points at a partner.
     pub fn decorate(&self, href: &str, base: &Url, id: &VisitorId) -> Outcome {
-        let Some((partner, resolved)) = self.resolve(href, base) else {
-            return Outcome::NotPartner;
-        };
+        match self.resolve(href, base) {
+            Some((partner, resolved)) => self.insert(href, partner, &resolved, id),
+            None => Outcome::NotPartner,
+        }
+    }
+
+    /// Writes the parameter into `href`, which resolves to `resolved` on `partner`'s site.
+    fn insert(&self, href: &str, partner: PartnerIndex, resolved: &Url, id: &VisitorId) -> Outcome {
         let trimmed = href.trim_start_matches(is_url_edge);
         let start = href.len() - trimmed.len();
         let end = start + trimmed.trim_end_matches(is_url_edge).len();
