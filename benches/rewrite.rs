@@ -19,6 +19,8 @@
 //! host its absolute links point at most often. Before a page is measured, the number of links
 //! the rewriter decorated in it is printed, so a reader sees that real work was done.
 
+mod common;
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use kmi_proxy::identity::VisitorId;
 use kmi_proxy::partner::{DomainPattern, PartnerSet};
 use kmi_proxy::rewrite::{rewrite_chunks, selectors, Charset, Page};
 use url::Url;
+
+use common::{corpus_dir, most_linked_host};
 
 /// The proxy sees the origin's body in frames of about this size.
 const CHUNK: usize = 16 * 1024;
@@ -78,13 +82,6 @@ struct Subject {
     bytes: Vec<u8>,
     decorator: Arc<Decorator>,
     page: Page,
-}
-
-fn corpus_dir() -> PathBuf {
-    match std::env::var_os("KMI_CORPUS") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"),
-    }
 }
 
 fn subjects() -> Vec<Subject> {
@@ -144,31 +141,6 @@ fn subject(path: &Path) -> Subject {
             memory_limit: DEFAULT_MEMORY_LIMIT,
         },
     }
-}
-
-/// The host that a page's absolute `href`s name most often, for pages without a known setup.
-fn most_linked_host(html: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(html);
-    let mut counts = std::collections::HashMap::<String, usize>::new();
-    for (i, _) in text.match_indices("href=") {
-        let rest = text[i + 5..].trim_start_matches(['"', '\'']);
-        let Some(after) = rest
-            .strip_prefix("https://")
-            .or_else(|| rest.strip_prefix("http://"))
-        else {
-            continue;
-        };
-        let end = after
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
-            .unwrap_or(after.len());
-        if end > 0 {
-            *counts.entry(after[..end].to_ascii_lowercase()).or_default() += 1;
-        }
-    }
-    counts
-        .into_iter()
-        .max_by_key(|&(_, n)| n)
-        .map(|(host, _)| host)
 }
 
 /// The contender: the proxy's own rewriter, as it runs for one page.

@@ -23,13 +23,14 @@
 //! Exits non-zero if any request fails or any page comes back other than expected. Under
 //! `cargo test --benches` (no `--bench` argument) it runs 64 requests per mode as a smoke test.
 
+mod common;
 #[path = "../tests/support/pki.rs"]
 mod pki;
 
 use std::convert::Infallible;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ use kmi_proxy::identity::VisitorId;
 use kmi_proxy::rewrite::{charset_of, Page, PageRewriter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::{corpus_dir, most_linked_host};
 
 /// Requests in flight at once in every mode.
 const CONCURRENCY: usize = 16;
@@ -80,13 +83,6 @@ const CLOUDFLARE_PARTNERS: &[&str] = &[
     "support.cloudflare.com",
     "community.cloudflare.com",
 ];
-
-fn corpus_dir() -> PathBuf {
-    match std::env::var_os("KMI_CORPUS") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"),
-    }
-}
 
 fn site() -> Result<Site, String> {
     let dir = corpus_dir();
@@ -130,28 +126,6 @@ fn site() -> Result<Site, String> {
         host,
         partners,
     })
-}
-
-/// The host that a page's absolute `href`s name most often.
-fn most_linked_host(html: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(html);
-    let mut counts = std::collections::HashMap::<String, usize>::new();
-    for (i, _) in text.match_indices("href=") {
-        let rest = text[i + 5..].trim_start_matches(['"', '\'']);
-        let Some(after) = rest
-            .strip_prefix("https://")
-            .or_else(|| rest.strip_prefix("http://"))
-        else {
-            continue;
-        };
-        let end = after
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
-            .unwrap_or(after.len());
-        if end > 0 {
-            *counts.entry(after[..end].to_ascii_lowercase()).or_default() += 1;
-        }
-    }
-    counts.into_iter().max_by_key(|&(_, n)| n).map(|(h, _)| h)
 }
 
 /// How many times `needle` occurs in `haystack`.
