@@ -45,22 +45,11 @@ fi
 cargo build --release --bin kmi-proxy
 BIN=target/release/kmi-proxy
 
-# Other busy processes (a compiler, say) would take CPU from the proxy and skew every figure:
-# sample the machine for a second first.
-cpu_sample() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
-read -r total0 idle0 < <(cpu_sample)
-sleep 1
-read -r total1 idle1 < <(cpu_sample)
-busy=$(awk -v t="$((total1 - total0))" -v i="$((idle1 - idle0))" 'BEGIN { printf "%.0f", t ? 100 * (t - i) / t : 0 }')
-if [ "$busy" -gt 10 ]; then
-    printf 'warning: the machine was %s%% busy before the run; other processes compete for the CPU\n' "$busy" >&2
-fi
-
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+warn_if_busy
 # Room for IDLE_CONNS sockets on both ends (the proxy and the client inherit this limit).
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-need=$((IDLE_CONNS * 2 + 256))
-[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$need" ] ||
-    die "open-file limit $(ulimit -n) is below $need; raise it or lower IDLE_CONNS"
+raise_open_files $((IDLE_CONNS * 2 + 256)) IDLE_CONNS
 
 WORK=$(mktemp -d)
 DEMO_PID=

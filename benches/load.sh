@@ -105,21 +105,11 @@ NGINX=$(find_nginx)
 cargo build --release --bin kmi-proxy
 BIN=$PWD/target/release/kmi-proxy
 
-# Other busy processes (a compiler, say) take CPU from all three contenders and skew the figures.
-cpu_sample() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
-read -r total0 idle0 < <(cpu_sample)
-sleep 1
-read -r total1 idle1 < <(cpu_sample)
-busy=$(awk -v t="$((total1 - total0))" -v i="$((idle1 - idle0))" 'BEGIN { printf "%.0f", t ? 100 * (t - i) / t : 0 }')
-if [ "$busy" -gt 10 ]; then
-    printf 'warning: the machine was %s%% busy before the run; other processes compete for the CPU\n' "$busy" >&2
-fi
-
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+warn_if_busy
 # Room for every socket: wrk's, the proxies' both sides, the origin's.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-need=$((CONNS_MAX * 4 + 256))
-[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$need" ] ||
-    die "open-file limit $(ulimit -n) is below $need; raise it or lower CONNS_LIST"
+raise_open_files $((CONNS_MAX * 4 + 256)) CONNS_LIST
 
 # ---------------------------------------------------------------------------------------------
 # Cleanup: only what this script started, by saved PID / own pid file.

@@ -1,0 +1,25 @@
+# shellcheck shell=bash
+# Shell helpers shared by benches/load.sh and benches/capacity.sh. Sourced, not run; the caller
+# defines die().
+
+# Samples the machine for a second and warns when other processes (a compiler, say) keep it
+# busy: they take CPU from whatever is measured and skew every figure.
+warn_if_busy() {
+    local total0 idle0 total1 idle1 busy
+    read -r total0 idle0 < <(cpu_sample)
+    sleep 1
+    read -r total1 idle1 < <(cpu_sample)
+    busy=$(awk -v t="$((total1 - total0))" -v i="$((idle1 - idle0))" 'BEGIN { printf "%.0f", t ? 100 * (t - i) / t : 0 }')
+    if [ "$busy" -gt 10 ]; then
+        printf 'warning: the machine was %s%% busy before the run; other processes compete for the CPU\n' "$busy" >&2
+    fi
+}
+cpu_sample() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+
+# Raises this shell's open-file limit (inherited by what it starts) to the hard limit, and dies
+# when that is still below NEED. Arguments: NEED, the setting to lower instead.
+raise_open_files() {
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$1" ] ||
+        die "open-file limit $(ulimit -n) is below $1; raise it or lower $2"
+}
