@@ -27,6 +27,10 @@ pub struct AccessLog {
     pub body_outcome: &'static str,
     /// The kind of upstream failure, if the origin could not be reached or broke off.
     pub upstream_error: Option<&'static str>,
+    /// The kind of a fault in the client's request (a refused head, a malformed body).
+    pub client_error: Option<&'static str>,
+    /// For a tunnel (WebSocket): bytes client to origin and origin to client.
+    pub tunnel: Option<(u64, u64)>,
     /// Why the visitor's identity cookie was not usable, if it was not.
     pub id_rejected: Option<&'static str>,
     /// A link decorated outside a page (a click-time redirect), by partner.
@@ -58,6 +62,8 @@ impl AccessLog {
             stats: None,
             body_outcome: "complete",
             upstream_error: None,
+            client_error: None,
+            tunnel: None,
             id_rejected: None,
             redirected_to: None,
             metrics,
@@ -90,6 +96,13 @@ impl AccessLog {
         }
         if let Some(kind) = self.upstream_error {
             m.upstream_errors
+                .get_or_create(&metrics::KindLabels {
+                    kind: kind.to_owned(),
+                })
+                .inc();
+        }
+        if let Some(kind) = self.client_error {
+            m.client_errors
                 .get_or_create(&metrics::KindLabels {
                     kind: kind.to_owned(),
                 })
@@ -142,7 +155,21 @@ impl Drop for AccessLog {
             rewrite = self.rewrite,
             bailed_out,
             body = self.body_outcome,
+            error = self.upstream_error.or(self.client_error).unwrap_or("-"),
+            tunnel = %Tunnel(self.tunnel),
         );
+    }
+}
+
+/// A tunnel's bytes each way (`up=N down=N`), or `-` for a plain request.
+struct Tunnel(Option<(u64, u64)>);
+
+impl std::fmt::Display for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some((up, down)) => write!(f, "up={up} down={down}"),
+            None => f.write_str("-"),
+        }
     }
 }
 

@@ -49,6 +49,14 @@ impl ResponseBody {
         }
     }
 
+    /// An empty body with no access-log record of its own (a `101`, whose tunnel logs itself).
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Full(None),
+            log: None,
+        }
+    }
+
     pub fn passthrough(body: UpstreamBody, log: AccessLog) -> ResponseBody {
         ResponseBody {
             kind: Kind::Passthrough(body),

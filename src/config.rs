@@ -14,6 +14,7 @@ use crate::decorate::DEFAULT_REDIRECT_PATH;
 use crate::decorate::{Decorator, Existing};
 use crate::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
 use crate::paths::PathPattern;
+use crate::request::Upgrades;
 use crate::tls;
 
 /// The file as operators write it. Every table is optional except `upstream`.
@@ -43,6 +44,7 @@ struct RawConfig {
     consent: RawConsent,
     #[serde(default)]
     redirect: RawRedirect,
+    upgrades: Option<Vec<String>>,
     #[serde(default)]
     partner: Vec<RawPartner>,
 }
@@ -86,6 +88,7 @@ struct RawTimeouts {
     upstream_connect: Option<String>,
     upstream_response: Option<String>,
     upstream_body_idle: Option<String>,
+    tunnel_idle: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +186,8 @@ pub struct Config {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub admin: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// The protocols a client may switch to through the proxy (`Upgrade`); never `h2c`.
+    pub upgrades: Upgrades,
 }
 
 /// Values from the environment that take precedence over the file, as containers are usually
@@ -245,6 +250,8 @@ pub struct Timeouts {
     /// The longest pause between two pieces of the origin's response body; past it the client's
     /// response ends in an error.
     pub upstream_body_idle: Duration,
+    /// A tunnel (WebSocket) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 /// When a visitor's ID may be put into links.
@@ -515,6 +522,7 @@ impl Validator {
                 t.upstream_body_idle,
                 60,
             ),
+            tunnel_idle: self.duration("timeouts.tunnel_idle", t.tunnel_idle, 300),
         };
         let shutdown_timeout = self.duration("shutdown_timeout", raw.shutdown_timeout, 30);
         let limits = Limits {
@@ -617,6 +625,14 @@ impl Validator {
                 "needs consent.cookie to say which cookie to look in",
             );
         }
+        let upgrades = match raw.upgrades.as_deref().map(Upgrades::new) {
+            None => Upgrades::default(),
+            Some(Ok(u)) => u,
+            Some(Err((name, why))) => {
+                self.problem("upgrades", name, why);
+                Upgrades::default()
+            }
+        };
         if (listen_text.is_some() && listen.is_none())
             || (raw.listen_tls.is_some() && (listen_tls.is_none() || tls.is_none()))
         {
@@ -641,6 +657,7 @@ impl Validator {
             shutdown_timeout,
             admin,
             log_format: raw.log.format.unwrap_or_default(),
+            upgrades,
         })
     }
 

@@ -113,6 +113,12 @@ pub fn make_private(headers: &mut HeaderMap) {
     if let Ok(v) = HeaderValue::from_str(&directives.join(", ")) {
         headers.insert(CACHE_CONTROL, v);
     }
+    weaken_etag(headers);
+}
+
+/// Makes a strong `ETag` weak: the bytes are no longer the origin's, though what they say is
+/// equivalent (RFC 9110 §8.8.1).
+pub fn weaken_etag(headers: &mut HeaderMap) {
     if let Some(etag) = headers.get(ETAG).and_then(|v| v.to_str().ok()) {
         if !etag.starts_with("W/") {
             match HeaderValue::from_str(&format!("W/{etag}")) {

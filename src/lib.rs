@@ -3,6 +3,7 @@
 //!
 //! The modules in reading order:
 //! - [`config`]: `config.toml` → validated [`config::Config`]; nothing else sees raw configuration.
+//! - [`request`]: the request head as the edge accepts it (authority, framing, upgrades). Pure.
 //! - [`identity`]: request cookies → [`identity::VisitorId`]. Pure.
 //! - [`partner`]: partner domain patterns and host matching. Pure.
 //! - [`decorate`]: one href + ID → decorated href. Pure.
@@ -12,6 +13,7 @@
 //! - [`body`]: response bodies, passed through or rewritten, streamed frame by frame.
 //! - [`access_log`]: the per-request log line.
 //! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`tunnel`]: WebSocket tunnels after a `101`: counted, idle-timed, drained.
 //! - [`demo`]: the built-in demo origin behind `kmi-proxy demo`.
 #![forbid(unsafe_code)]
 
@@ -29,7 +31,9 @@ pub mod metrics;
 pub mod partner;
 pub mod paths;
 pub mod proxy;
+pub mod request;
 pub mod rewrite;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

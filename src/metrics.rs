@@ -51,6 +51,7 @@ pub struct Metrics {
     pub links_decorated: Family<PartnerLabels, Counter>,
     pub ids_rejected: Family<ReasonLabels, Counter>,
     pub upstream_errors: Family<KindLabels, Counter>,
+    pub client_errors: Family<KindLabels, Counter>,
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub bytes: Family<DirectionLabels, Counter>,
@@ -98,6 +99,13 @@ impl Metrics {
             "Failed upstream requests by kind (connect, timeout, tls, reset, body_idle, other)",
             upstream_errors.clone(),
         );
+        let client_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Requests refused or broken off by the client's fault, by kind (duplicate_host, \
+             transfer_coding, body_malformed, ...)",
+            client_errors.clone(),
+        );
         let request_duration = Histogram::new(latency_buckets());
         registry.register(
             "request_duration_seconds",
@@ -141,6 +149,7 @@ impl Metrics {
             links_decorated,
             ids_rejected,
             upstream_errors,
+            client_errors,
             request_duration,
             upstream_duration,
             bytes,

@@ -5,7 +5,7 @@
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{
     HeaderName, HeaderValue, ACCEPT, ACCEPT_RANGES, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH,
@@ -25,7 +25,7 @@ use crate::identity::{self, Identity, VisitorId};
 use crate::metrics::Metrics;
 use crate::rewrite::{self, Charset, Page, PageRewriter};
 use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
-use crate::{consent, paths};
+use crate::{consent, paths, request, tunnel};
 use arc_swap::ArcSwap;
 
 const REFRESH: HeaderName = HeaderName::from_static("refresh");
@@ -139,25 +139,58 @@ fn has_directive(headers: &HeaderMap, directive: &str) -> bool {
         .any(|d| d.trim().eq_ignore_ascii_case(directive))
 }
 
-/// Whether a request asks to switch protocols (WebSocket): `Upgrade` present and `upgrade` among
-/// the `Connection` tokens (Firefox sends `Connection: keep-alive, Upgrade`).
-fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
-    let connection_says_upgrade = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    connection_says_upgrade
-        .then(|| headers.get(UPGRADE).cloned())
-        .flatten()
+/// The connection a request arrived on, as the request path needs it.
+pub struct Connection {
+    /// The client's address (X-Forwarded-For, trusted front tiers).
+    pub client: SocketAddr,
+    /// The scheme the client used, which is the page's scheme.
+    pub scheme: Scheme,
+    /// Where a tunnel opened on this connection runs and whose accounting it keeps; `None`
+    /// outside a server.
+    pub tunnels: Option<tunnel::Lease>,
+}
+
+/// One request on its way through the phases: what the request filter learnt, and the
+/// access-log record that goes with the response.
+struct Exchange {
+    log: AccessLog,
+    /// The site the client named (target authority, else Host); see [`request::accept`].
+    authority: Option<String>,
+    path_and_query: String,
+    method: Method,
+    identity: Identity,
+    consent: Result<(), &'static str>,
+    /// The path is in `exclude_paths`: nothing on this page is decorated.
+    excluded: bool,
+    /// The protocols to ask the origin for, and the client's side of the switch.
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    /// A page that would be decorated for this visitor (its 304 must stay private too).
+    decorated_page: bool,
+    /// The origin is asked for the whole page (no Range), since it may be rewritten.
+    whole_page: bool,
+    /// The URL the browser has for this page; relative links resolve against it.
+    page: Url,
+}
+
+/// Which wait ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timeout {
+    /// The origin left a piece of the request body unread for `upstream_response`.
+    Send,
+    /// No response head within `upstream_response` of the request being sent.
+    Response,
+}
+
+enum Failure {
+    Error(upstream::Error),
+    Timeout(Timeout),
 }
 
 /// Whether a request could be answered with a page the proxy would rewrite: a GET for HTML (a
 /// browser navigation says so in `Accept`) from a visitor with an ID. Such requests ask the origin
 /// for the whole page, since a byte range of a page that is then rewritten would not fit together.
 fn may_be_rewritten(method: &Method, headers: &HeaderMap) -> bool {
-    method == Method::GET
+    (method == Method::GET || method == Method::HEAD)
         && headers
             .get_all(ACCEPT)
             .iter()
@@ -227,61 +260,99 @@ impl Proxy {
         Metrics::reason(&self.metrics.config_reloads, "invalid");
     }
 
-    /// Serves one request. Never fails: every problem becomes a response with a status and a reason.
+    /// Serves one request. Never fails: every problem becomes a response with a status and a
+    /// reason. The phases, in order: the request filter (the edge's checks, identity, the
+    /// redirect endpoint), the upstream request, sending it (timeouts, and blame when it fails),
+    /// the response head (what is rewritten, cache safety) and the body.
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
-        client: SocketAddr,
-        scheme: Scheme,
+        req: Request<Incoming>,
+        conn: &Connection,
     ) -> Response<ResponseBody> {
         let snapshot = self.current.load_full();
         let config = &snapshot.config;
-        // HTTP/2 clients send `:authority` instead of `Host`.
-        let client_host = req
-            .headers()
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let (req, exchange) = match self.request_filter(config, req, conn) {
+            Ok(pair) => pair,
+            Err(response) => return response,
+        };
+        let upstream_req = Self::upstream_request(config, req, conn, &exchange);
+        let (response, mut exchange) = match Self::send(&snapshot, upstream_req, exchange).await {
+            Ok(pair) => pair,
+            Err(response) => return response,
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Self::switch_protocols(config, response, conn, exchange);
+        }
+        let (response, decision) = self.response_head(config, response, &mut exchange);
+        Self::response_body(config, response, decision, exchange)
+    }
+
+    /// Phase 1, the request filter: refuses what the edge does not accept (4xx/5xx, the
+    /// client's fault), reads the visitor's identity, and answers the click-time redirect itself.
+    #[allow(clippy::result_large_err)]
+    fn request_filter(
+        &self,
+        config: &Config,
+        mut req: Request<Incoming>,
+        conn: &Connection,
+    ) -> Result<(Request<Incoming>, Exchange), Response<ResponseBody>> {
+        let accepted = request::accept(
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers(),
+            &config.upgrades,
+        );
+        let authority = accepted
+            .as_ref()
+            .ok()
+            .and_then(|a| a.authority.as_ref())
+            .map(|a| a.as_str().to_owned());
         let path_and_query = req
             .uri()
             .path_and_query()
+            .filter(|pq| !pq.as_str().is_empty())
             .map_or_else(|| "/".to_owned(), |pq| pq.to_string());
         let mut log = AccessLog::start(
             req.method().clone(),
-            client_host.clone().unwrap_or_default(),
+            authority.clone().unwrap_or_default(),
             req.uri().path().to_owned(),
             Arc::clone(&self.metrics),
             Arc::clone(&config.decorator),
         );
+        let accepted = match accepted {
+            Ok(a) => a,
+            Err(rejection) => {
+                log.client_error = Some(rejection.kind);
+                tracing::debug!(client = %conn.client, kind = rejection.kind, "request refused");
+                return Err(error_response(rejection.status, rejection.reason, log));
+            }
+        };
         let mut identity = identity::from_headers(req.headers(), &config.cookies);
         // A trusted front tier may tell the proxy who the visitor is; anyone else's claim is
         // ignored (and the header never reaches the origin either way).
-        if let Some(v) = config
-            .request_header
-            .as_ref()
-            .and_then(|name| req.headers().get(name))
-        {
-            if config
+        if let Some(name) = &config.request_header {
+            let trusted = config
                 .trusted_proxies
                 .iter()
-                .any(|net| net.contains(&client.ip().to_canonical()))
-            {
-                identity = identity::from_header_value(v);
+                .any(|net| net.contains(&conn.client.ip().to_canonical()));
+            if let Some(v) = req.headers_mut().remove(name) {
+                if trusted {
+                    identity = identity::from_header_value(&v);
+                }
             }
-        }
-        if let Some(name) = &config.request_header {
-            // Believed from trusted front tiers only, and never passed on to the origin.
-            req.headers_mut().remove(name);
+            // Every field of that name goes, not only the first.
+            while req.headers_mut().remove(name).is_some() {}
         }
         let consent = consent::allows(&config.consent, req.headers());
         if req.uri().path() == config.decorator.redirect_path {
             let id = usable_id(&identity, consent).ok();
-            return outbound_redirect(config, &req, id, log);
+            return Err(outbound_redirect(config, &req, id, log));
         }
         let excluded = paths::any_matches(&config.exclude_paths, req.uri().path());
         let method = req.method().clone();
-        let upgrade = upgrade_requested(req.headers())
+        let upgrade = accepted
+            .upgrade
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let partners = &config.decorator.partners;
         let html_get = !excluded && may_be_rewritten(&method, req.headers());
@@ -291,77 +362,203 @@ impl Proxy {
         // A page that will be rewritten at all asks the origin for the whole page: a range of a
         // page that is then rewritten would not fit together.
         let whole_page = decorated_page || (html_get && partners.any_redirect());
-
-        let upstream_req = match Self::upstream_request(
-            config,
+        let page = page_url(conn.scheme, authority.as_deref(), &path_and_query, config);
+        Ok((
             req,
-            client,
-            scheme,
-            client_host.as_deref(),
-            &path_and_query,
-        ) {
-            Ok(mut r) => {
-                if let Some((protocol, _)) = &upgrade {
-                    r.headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                    r.headers_mut().insert(UPGRADE, protocol.clone());
-                }
-                if whole_page {
-                    r.headers_mut().remove(RANGE);
-                    r.headers_mut().remove(IF_RANGE);
-                }
-                r
-            }
-            Err(reason) => return error_response(StatusCode::BAD_REQUEST, &reason, log),
-        };
+            Exchange {
+                log,
+                authority,
+                path_and_query,
+                method,
+                identity,
+                consent,
+                excluded,
+                upgrade,
+                decorated_page,
+                whole_page,
+                page,
+            },
+        ))
+    }
 
-        let (upstream_req, body_sent) = {
+    /// Phase 2, the upstream request: hop-by-hop fields out, forwarding fields in, the site's
+    /// authority in the URI only (hyper sends it as `Host` on HTTP/1.1 and as `:authority` on
+    /// HTTP/2, never both), the upgrade only if the policy allowed it.
+    fn upstream_request(
+        config: &Config,
+        req: Request<Incoming>,
+        conn: &Connection,
+        exchange: &Exchange,
+    ) -> Request<Incoming> {
+        let (mut parts, body) = req.into_parts();
+        let upstream = &config.upstream.authority;
+        let host = match (config.preserve_host, &exchange.authority) {
+            (true, Some(host)) => host.as_str(),
+            _ => upstream.as_str(),
+        };
+        parts.uri = Uri::builder()
+            .scheme(config.upstream.scheme.clone())
+            .authority(host)
+            .path_and_query(exchange.path_and_query.as_str())
+            .build()
+            .or_else(|_| {
+                // The edge accepted both; should the pair still not make a URI, the origin
+                // gets its own authority rather than nothing.
+                Uri::builder()
+                    .scheme(config.upstream.scheme.clone())
+                    .authority(upstream.clone())
+                    .path_and_query(exchange.path_and_query.as_str())
+                    .build()
+            })
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let client_version = parts.version;
+        parts.version = http::Version::HTTP_11;
+        let h = &mut parts.headers;
+        headers::remove_hop_by_hop(h);
+        // The authority travels in the URI; a `Host` beside it would be a second, possibly
+        // different, name for the site (and nginx refuses `Host` next to `:authority`).
+        h.remove(HOST);
+        // The proxy answered any `100-continue` itself; the origin gets the body straight away.
+        h.remove(EXPECT);
+        // HTTP/2 clients may split cookies over several fields; an HTTP/1.1 origin must get one
+        // (RFC 9113 §8.2.3), and one is also valid HTTP/2.
+        join_cookies(h);
+        headers::append_list(h, headers::X_FORWARDED_FOR, &conn.client.ip().to_string());
+        h.insert(
+            headers::X_FORWARDED_PROTO,
+            HeaderValue::from_static(conn.scheme.as_str()),
+        );
+        match exchange.authority.as_deref().map(HeaderValue::from_str) {
+            Some(Ok(v)) => {
+                h.insert(headers::X_FORWARDED_HOST, v);
+            }
+            // A client's own X-Forwarded-Host must not pass for the proxy's word.
+            _ => {
+                h.remove(headers::X_FORWARDED_HOST);
+            }
+        }
+        headers::add_via(h, client_version);
+        if let Some((protocol, _)) = &exchange.upgrade {
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(UPGRADE, protocol.clone());
+        }
+        if exchange.whole_page {
+            h.remove(RANGE);
+            h.remove(IF_RANGE);
+        }
+        Request::from_parts(parts, body)
+    }
+
+    /// Phase 3: sends the request and waits for the response head within the timeouts. A
+    /// failure is blamed on the side that caused it: a broken request body is the client's
+    /// (400), anything else the origin's (502 or 504). The client sees a short public reason;
+    /// the origin's address and the library's words go to the log and the metrics.
+    async fn send(
+        snapshot: &Snapshot,
+        upstream_req: Request<Incoming>,
+        mut exchange: Exchange,
+    ) -> Result<(Response<Incoming>, Exchange), Response<ResponseBody>> {
+        let config = &snapshot.config;
+        let (upstream_req, body_sent, upload) = {
             let (parts, body) = upstream_req.into_parts();
-            let (body, sent) = RequestBody::new(body);
-            (Request::from_parts(parts, body), sent)
+            let (body, sent, upload) = RequestBody::new(body);
+            (Request::from_parts(parts, body), sent, upload)
         };
         let started = Instant::now();
         let response = snapshot.origin.request(upstream_req);
         // The wait for the origin's answer starts once the request body has been sent: a slow
-        // upload is the client's pace, not a slow origin.
+        // upload is the client's pace, not a slow origin. While it is being sent, the origin
+        // may not leave a piece of it unread for longer than the same timeout.
+        let limit = config.timeouts.upstream_response;
         let deadline = async {
-            let _ = body_sent.await;
-            tokio::time::sleep(config.timeouts.upstream_response).await;
+            tokio::pin!(body_sent);
+            let check = (limit / 4).max(Duration::from_millis(10));
+            loop {
+                tokio::select! {
+                    _ = &mut body_sent => break,
+                    () = tokio::time::sleep(check) => {
+                        if upload.origin_stalled_for() >= limit {
+                            return Timeout::Send;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(limit).await;
+            Timeout::Response
         };
         let result = tokio::select! {
             r = response => Ok(r),
-            () = deadline => Err(()),
+            t = deadline => Err(t),
         };
-        log.upstream = Some(started.elapsed());
-        let mut response = match result {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let (kind, detail) = describe(&e);
-                log.upstream_error = Some(kind);
-                let reason = format!("upstream {}: {detail}", config.upstream);
-                tracing::warn!(target: "kmi_proxy::upstream", kind, %reason);
-                return error_response(StatusCode::BAD_GATEWAY, &reason, log);
-            }
-            Err(()) => {
-                log.upstream_error = Some("timeout");
-                let reason = format!(
-                    "upstream {} sent no response within {}",
-                    config.upstream,
-                    humantime::format_duration(config.timeouts.upstream_response)
-                );
-                tracing::warn!(target: "kmi_proxy::upstream", %reason);
-                return error_response(StatusCode::GATEWAY_TIMEOUT, &reason, log);
-            }
+        exchange.log.upstream = Some(started.elapsed());
+        let failure = match result {
+            Ok(Ok(r)) => return Ok((r, exchange)),
+            Ok(Err(e)) => Failure::Error(e),
+            Err(t) => Failure::Timeout(t),
         };
+        Err(blame(config, failure, &upload, exchange.log))
+    }
 
-        let status = response.status();
-        log.status = status.as_u16();
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some((_, client_upgrade)) = upgrade {
-                return tunnel(response, client_upgrade, log);
-            }
+    /// The origin answered `101`: the tunnel opens only for a protocol the policy allowed and
+    /// the client asked for. Any other switch is refused with a 502 and the origin's connection
+    /// dropped, so no byte flows that the proxy did not agree to.
+    fn switch_protocols(
+        config: &Config,
+        mut response: Response<Incoming>,
+        conn: &Connection,
+        mut exchange: Exchange,
+    ) -> Response<ResponseBody> {
+        exchange.log.status = response.status().as_u16();
+        let answered = response.headers().get(UPGRADE).cloned();
+        let Some((asked, client_upgrade)) = exchange.upgrade.take() else {
+            return origin_fault(
+                config,
+                "upgrade",
+                "switched protocols unasked",
+                exchange.log,
+            );
+        };
+        if !request::switched_as_asked(&asked, answered.as_ref()) {
+            return origin_fault(
+                config,
+                "upgrade",
+                "switched to a protocol that was not asked for",
+                exchange.log,
+            );
         }
-        let page = page_url(scheme, client_host.as_deref(), &path_and_query, config);
+        let origin_upgrade = hyper::upgrade::on(&mut response);
+        let origin_version = response.version();
+        let headers = response.headers_mut();
+        headers::remove_hop_by_hop(headers);
+        headers::add_via(headers, origin_version);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = answered {
+            headers.insert(UPGRADE, p);
+        }
+        let mut log = exchange.log;
+        log.rewrite = "upgrade";
+        tunnel::spawn(
+            conn.tunnels.clone(),
+            client_upgrade,
+            origin_upgrade,
+            config.timeouts.tunnel_idle,
+            log,
+        );
+        let (parts, _) = response.into_parts();
+        Response::from_parts(parts, ResponseBody::empty())
+    }
+
+    /// Phase 4, the response head: hop-by-hop fields out, `Via`, server-side identity,
+    /// decorated redirects, and the decision whether the body is rewritten, with the cache
+    /// headers that decision needs. A HEAD gets the head its GET would get.
+    fn response_head(
+        &self,
+        config: &Config,
+        mut response: Response<Incoming>,
+        exchange: &mut Exchange,
+    ) -> (Response<Incoming>, Decision) {
+        let status = response.status();
+        exchange.log.status = status.as_u16();
         // `Via` names the protocol the message arrived over: the origin's, for a response.
         let origin_version = response.version();
         let headers = response.headers_mut();
@@ -372,7 +569,7 @@ impl Proxy {
         }
         headers::remove_hop_by_hop(headers);
         headers::add_via(headers, origin_version);
-        if status == StatusCode::NOT_MODIFIED && decorated_page {
+        if status == StatusCode::NOT_MODIFIED && exchange.decorated_page {
             // A 304 updates the headers of the copy a cache holds (RFC 9111 §4.3.4). For a page
             // that was decorated, it must not undo `private` and the weak ETag.
             vary_on_identity(headers, config);
@@ -384,75 +581,97 @@ impl Proxy {
             .as_ref()
             .and_then(|name| headers.remove(name))
         {
-            identity = identity::from_header_value(&v);
+            exchange.identity = identity::from_header_value(&v);
         }
-        if let Identity::Rejected(why) = &identity {
-            log.id_rejected = Some(why.as_str());
+        if let Identity::Rejected(why) = &exchange.identity {
+            exchange.log.id_rejected = Some(why.as_str());
         }
-        let id = usable_id(&identity, consent);
-        if !excluded {
-            Self::decorate_redirects(config, headers, &page, id.ok());
+        let id = usable_id(&exchange.identity, exchange.consent);
+        if !exchange.excluded {
+            Self::decorate_redirects(config, headers, &exchange.page, id.ok());
         }
         let partners = &config.decorator.partners;
+        // A HEAD is decided as its GET would be, so both say the same about caching.
+        let as_get = if exchange.method == Method::HEAD {
+            Method::GET
+        } else {
+            exchange.method.clone()
+        };
         let mut decision = decide(
-            &method,
+            &as_get,
             status,
             headers,
             id.map(|_| ()),
             partners.any_redirect(),
         );
-        if excluded && !matches!(decision, Decision::NotRewritable(_)) {
+        if exchange.excluded && !matches!(decision, Decision::NotRewritable(_)) {
             decision = Decision::PageNotRewritten("excluded");
         }
-        if !excluded && !matches!(decision, Decision::NotRewritable(_)) && partners.any_inline() {
+        if !exchange.excluded
+            && !matches!(decision, Decision::NotRewritable(_))
+            && partners.any_inline()
+        {
             // The same URL may be decorated for another visitor: caches must key on Cookie (and
             // on Global Privacy Control when it is honoured) even when this one was not.
             vary_on_identity(headers, config);
         }
+        if let Decision::Rewrite(..) = decision {
+            // Only inline partners put the ID into the page; redirect-mode links are the same
+            // for everyone, so such a page keeps its cache headers, but not a strong ETag: its
+            // bytes are no longer the origin's.
+            if id.is_ok() && partners.any_inline() {
+                headers::make_private(headers);
+            } else {
+                headers::weaken_etag(headers);
+            }
+            // The rewritten length is unknown up front, and anything describing the origin's
+            // exact bytes no longer holds.
+            headers.remove(CONTENT_LENGTH);
+            headers.remove(ACCEPT_RANGES);
+            for name in ["content-md5", "digest", "repr-digest", "content-digest"] {
+                headers.remove(name);
+            }
+            if exchange.method == Method::HEAD {
+                decision = Decision::PageNotRewritten("head");
+            }
+        }
+        (response, decision)
+    }
+
+    /// Phase 5, the body: streamed through the rewriter or passed through untouched.
+    fn response_body(
+        config: &Config,
+        response: Response<Incoming>,
+        decision: Decision,
+        exchange: Exchange,
+    ) -> Response<ResponseBody> {
+        let mut log = exchange.log;
         let (parts, body) = response.into_parts();
-        let mut response = Response::from_parts(parts, ());
+        let upstream = UpstreamBody::new(body, config.timeouts.upstream_body_idle);
         let body = match decision {
             Decision::Rewrite(charset, coding) => {
                 log.rewrite = "rewritten";
-                // Only inline partners put the ID into the page; redirect-mode links are the same
-                // for everyone, so such a page keeps its cache headers.
-                let id = id.ok().filter(|_| partners.any_inline()).cloned();
-                let headers = response.headers_mut();
-                if id.is_some() {
-                    headers::make_private(headers);
-                }
-                // The rewritten length is unknown up front, and anything describing the origin's
-                // exact bytes no longer holds.
-                headers.remove(CONTENT_LENGTH);
-                headers.remove(ACCEPT_RANGES);
-                for name in ["content-md5", "digest", "repr-digest", "content-digest"] {
-                    headers.remove(name);
-                }
+                let partners = &config.decorator.partners;
+                let id = usable_id(&exchange.identity, exchange.consent)
+                    .ok()
+                    .filter(|_| partners.any_inline())
+                    .cloned();
                 let page = Page {
-                    url: page,
+                    url: exchange.page,
                     charset,
                     memory_limit: config.memory_limit,
                 };
                 let rewriter = PageRewriter::new(Arc::clone(&config.decorator), id, page);
                 log.stats = Some(rewriter.stats());
-                ResponseBody::rewrite(
-                    UpstreamBody::new(body, config.timeouts.upstream_body_idle),
-                    rewriter,
-                    coding,
-                    log,
-                )
+                ResponseBody::rewrite(upstream, rewriter, coding, log)
             }
             Decision::NotRewritable(why) | Decision::PageNotRewritten(why) => {
                 log.rewrite = why;
-                ResponseBody::passthrough(
-                    UpstreamBody::new(body, config.timeouts.upstream_body_idle),
-                    log,
-                )
+                ResponseBody::passthrough(upstream, log)
             }
         };
-        response.map(|()| body)
+        Response::from_parts(parts, body)
     }
-
     /// A redirect into a partner's site keeps the visitor's identity like a link does: `Location`
     /// and `Refresh` get the same matching and encoding (relative ones resolve against the page).
     fn decorate_redirects(
@@ -514,64 +733,22 @@ impl Proxy {
             headers::make_private(headers);
         }
     }
-
-    fn upstream_request(
-        config: &Config,
-        req: Request<Incoming>,
-        client: SocketAddr,
-        scheme: Scheme,
-        client_host: Option<&str>,
-        path_and_query: &str,
-    ) -> Result<Request<Incoming>, String> {
-        let (mut parts, body) = req.into_parts();
-        let host = match (config.preserve_host, client_host) {
-            (true, Some(host)) => host.to_owned(),
-            _ => config.upstream.authority.to_string(),
-        };
-        // The authority names the site for the origin (`Host` on HTTP/1.1, `:authority` on
-        // HTTP/2); the connection itself always goes to the configured upstream.
-        parts.uri = Uri::builder()
-            .scheme(config.upstream.scheme.clone())
-            .authority(host.as_str())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| format!("cannot forward this request (host {host:?}): {e}"))?;
-        let client_version = parts.version;
-        parts.version = http::Version::HTTP_11;
-        let h = &mut parts.headers;
-        headers::remove_hop_by_hop(h);
-        // The proxy answered any `100-continue` itself; the origin gets the body straight away.
-        h.remove(EXPECT);
-        // HTTP/2 clients may split cookies over several fields; an HTTP/1.1 origin must get one
-        // (RFC 9113 §8.2.3), and one is also valid HTTP/2.
-        join_cookies(h);
-        h.insert(
-            HOST,
-            HeaderValue::from_str(&host).map_err(|_| "invalid Host header".to_owned())?,
-        );
-        headers::append_list(h, headers::X_FORWARDED_FOR, &client.ip().to_string());
-        h.insert(
-            headers::X_FORWARDED_PROTO,
-            HeaderValue::from_static(scheme.as_str()),
-        );
-        if let Some(Ok(v)) = client_host.map(HeaderValue::from_str) {
-            h.insert(headers::X_FORWARDED_HOST, v);
-        }
-        headers::add_via(h, client_version);
-        Ok(Request::from_parts(parts, body))
-    }
 }
 
+/// Joins split `Cookie` fields with `; ` as raw bytes: a cookie value that is not visible ASCII
+/// (UTF-8 sent raw, say) is the origin's to judge, not the proxy's to drop.
 fn join_cookies(headers: &mut HeaderMap) {
     if headers.get_all(COOKIE).iter().count() < 2 {
         return;
     }
-    let joined: Vec<&str> = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if let Ok(v) = HeaderValue::from_str(&joined.join("; ")) {
+    let mut joined = Vec::new();
+    for v in headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
         headers.insert(COOKIE, v);
     }
 }
@@ -593,43 +770,6 @@ fn refresh_url(value: &str) -> Option<std::ops::Range<usize>> {
         end = value[start..].find(q).map_or(end, |i| start + i);
     }
     (start < end).then_some(start..end)
-}
-
-/// After a `101 Switching Protocols` from the origin: answer the client with it and, once both
-/// sides have switched, copy bytes both ways until either closes.
-fn tunnel(
-    mut response: Response<Incoming>,
-    client_upgrade: hyper::upgrade::OnUpgrade,
-    log: AccessLog,
-) -> Response<ResponseBody> {
-    let origin_upgrade = hyper::upgrade::on(&mut response);
-    let protocol = response.headers().get(UPGRADE).cloned();
-    let origin_version = response.version();
-    let headers = response.headers_mut();
-    headers::remove_hop_by_hop(headers);
-    headers::add_via(headers, origin_version);
-    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Some(p) = protocol {
-        headers.insert(UPGRADE, p);
-    }
-    tokio::spawn(async move {
-        let (client, origin) = match tokio::join!(client_upgrade, origin_upgrade) {
-            (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!("upgrade failed: {e}");
-                return;
-            }
-        };
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut origin = hyper_util::rt::TokioIo::new(origin);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut origin).await {
-            tracing::debug!("tunnel closed: {e}");
-        }
-    });
-    let mut log = log;
-    log.rewrite = "upgrade";
-    let (parts, _) = response.into_parts();
-    Response::from_parts(parts, ResponseBody::full(bytes::Bytes::new(), log))
 }
 
 /// A response that may carry a visitor's ID varies on what decides it: the cookies, and Global
@@ -759,9 +899,77 @@ fn error_response(status: StatusCode, reason: &str, mut log: AccessLog) -> Respo
     response
 }
 
-/// The kind of an upstream failure (for metrics: connect, timeout, tls, reset, other) and a
-/// one-line reason: the innermost cause, which is the one that says what happened ("Connection
-/// refused", "connect timeout", a certificate problem).
+/// The response for a failed exchange with the origin, blamed on the side that caused it.
+fn blame(
+    config: &Config,
+    failure: Failure,
+    upload: &upstream::Upload,
+    mut log: AccessLog,
+) -> Response<ResponseBody> {
+    // A body the client broke fails the upstream request too; it is still the client's fault.
+    if let Some(kind) = upload.client_error() {
+        log.client_error = Some(kind);
+        tracing::debug!(target: "kmi_proxy::client", kind, "the client's request body broke off");
+        let reason = if kind == "body_incomplete" {
+            "incomplete request body"
+        } else {
+            "malformed request body"
+        };
+        return error_response(StatusCode::BAD_REQUEST, reason, log);
+    }
+    match failure {
+        Failure::Error(e) => {
+            let (kind, detail) = describe(&e);
+            let reason = match kind {
+                "connect" | "timeout" => "cannot connect to the origin",
+                "tls" => "cannot establish a secure connection to the origin",
+                "reset" => "the origin closed the connection",
+                _ => "invalid response from the origin",
+            };
+            log.upstream_error = Some(kind);
+            tracing::warn!(target: "kmi_proxy::upstream", upstream = %config.upstream, kind, %detail);
+            error_response(StatusCode::BAD_GATEWAY, reason, log)
+        }
+        Failure::Timeout(t) => {
+            let limit = humantime::format_duration(config.timeouts.upstream_response);
+            let (kind, reason, detail) = match t {
+                Timeout::Send => (
+                    "send_timeout",
+                    "the origin did not read the request in time",
+                    format!("left the request body unread for {limit}"),
+                ),
+                Timeout::Response => (
+                    "timeout",
+                    "the origin did not answer in time",
+                    format!("sent no response within {limit}"),
+                ),
+            };
+            log.upstream_error = Some(kind);
+            tracing::warn!(target: "kmi_proxy::upstream", upstream = %config.upstream, kind, %detail);
+            error_response(StatusCode::GATEWAY_TIMEOUT, reason, log)
+        }
+    }
+}
+
+/// A response from the origin that the proxy will not pass on: 502, blamed on the origin.
+fn origin_fault(
+    config: &Config,
+    kind: &'static str,
+    detail: &str,
+    mut log: AccessLog,
+) -> Response<ResponseBody> {
+    log.upstream_error = Some(kind);
+    tracing::warn!(target: "kmi_proxy::upstream", upstream = %config.upstream, kind, detail);
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        "invalid response from the origin",
+        log,
+    )
+}
+
+/// The kind of an upstream failure (for metrics: connect, timeout, tls, reset, other) and the
+/// detail for the log: the innermost cause, which is the one that says what happened
+/// ("Connection refused", a certificate problem).
 fn describe(e: &upstream::Error) -> (&'static str, String) {
     let mut kind = if e.is_connect() { "connect" } else { "other" };
     let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
@@ -769,6 +977,8 @@ fn describe(e: &upstream::Error) -> (&'static str, String) {
     while let Some(c) = cause {
         if crate::tls::is_tls_error(c) {
             kind = "tls";
+        } else if c.is::<upstream::ConnectTimeout>() {
+            kind = "timeout";
         } else if c
             .downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
@@ -791,12 +1001,12 @@ fn describe(e: &upstream::Error) -> (&'static str, String) {
         cause = c.source();
     }
     let detail = last.map_or_else(|| e.to_string(), |c| c.to_string());
-    let reason = if e.is_connect() {
+    let detail = if e.is_connect() {
         format!("cannot connect ({detail})")
     } else {
         format!("request failed ({detail})")
     };
-    (kind, reason)
+    (kind, detail)
 }
 
 #[cfg(test)]
@@ -907,15 +1117,6 @@ mod tests {
             decide(&Method::HEAD, ok, &html("text/html"), Err("no_id"), true),
             Decision::PageNotRewritten("head")
         );
-    }
-
-    #[test]
-    fn upgrade_needs_both_headers_and_accepts_firefox_form() {
-        let mut h = HeaderMap::new();
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(upgrade_requested(&h).is_none());
-        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
-        assert_eq!(upgrade_requested(&h).unwrap(), "websocket");
     }
 
     #[test]

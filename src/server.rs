@@ -14,14 +14,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::config::Config;
-use crate::proxy::{Proxy, Scheme};
+use crate::metrics::Metrics;
+use crate::proxy::{Connection, Proxy, Scheme};
+use crate::tunnel::{ConnectionGuard, Lease, Tunnels};
 
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,20 +231,43 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>)
         let _ = stream.set_nodelay(true);
         let task_shared = Arc::clone(&shared);
         shared.connections.spawn(async move {
-            let metrics = Arc::clone(task_shared.proxy.metrics());
-            metrics.open_connections.inc();
+            let open: ConnectionGuard = Arc::new(Open::new(permit, task_shared.proxy.metrics()));
             match scheme {
-                Scheme::Http => serve(TokioIo::new(stream), client, scheme, &task_shared).await,
+                Scheme::Http => {
+                    serve(TokioIo::new(stream), client, scheme, &task_shared, open).await
+                }
                 Scheme::Https => match handshake(&task_shared.proxy, stream).await {
                     Ok(tls_stream) => {
-                        serve(TokioIo::new(tls_stream), client, scheme, &task_shared).await
+                        serve(TokioIo::new(tls_stream), client, scheme, &task_shared, open).await
                     }
                     Err(e) => tracing::debug!(%client, "TLS handshake failed: {e}"),
                 },
             }
-            metrics.open_connections.dec();
-            drop(permit);
         });
+    }
+}
+
+/// One open client connection's accounting: its permit under `limits.max_connections` and its
+/// place in the `open_connections` gauge. Shared by the connection and any tunnel opened on it,
+/// and released when the last of them ends.
+struct Open {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Open {
+    fn new(permit: OwnedSemaphorePermit, metrics: &Arc<Metrics>) -> Open {
+        metrics.open_connections.inc();
+        Open {
+            _permit: permit,
+            metrics: Arc::clone(metrics),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.open_connections.dec();
     }
 }
 
@@ -311,8 +336,13 @@ async fn idle_for(activity: &Activity, first: Duration, idle: Duration) {
     }
 }
 
-async fn serve<I>(io: TokioIo<I>, client: SocketAddr, scheme: Scheme, shared: &Shared)
-where
+async fn serve<I>(
+    io: TokioIo<I>,
+    client: SocketAddr,
+    scheme: Scheme,
+    shared: &Shared,
+    open: ConnectionGuard,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity {
@@ -322,11 +352,23 @@ where
     });
     let proxy = Arc::clone(&shared.proxy);
     let service_activity = Arc::clone(&activity);
+    let conn = Arc::new(Connection {
+        client,
+        scheme,
+        tunnels: Some(Lease {
+            tunnels: Tunnels {
+                tracker: shared.connections.clone(),
+                kill: shared.kill.clone(),
+            },
+            guard: open,
+        }),
+    });
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
+        let conn = Arc::clone(&conn);
         let in_flight = InFlight::start(&service_activity);
         async move {
-            let mut response = proxy.handle(req, client, scheme).await;
+            let mut response = proxy.handle(req, &conn).await;
             response.body_mut().hold(Box::new(in_flight));
             Ok::<_, std::convert::Infallible>(response)
         }

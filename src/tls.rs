@@ -180,7 +180,18 @@ pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
     if e.is::<rustls::Error>() {
         return true;
     }
-    e.downcast_ref::<std::io::Error>()
-        .and_then(|io| io.get_ref())
-        .is_some_and(|inner| inner.is::<rustls::Error>())
+    // hyper-rustls wraps rustls's `io::Error` in another one, whose `source()` skips the
+    // rustls error: look inside each wrapper instead.
+    let mut wrapped = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref());
+    while let Some(inner) = wrapped {
+        if inner.is::<rustls::Error>() {
+            return true;
+        }
+        wrapped = inner
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+    }
+    false
 }

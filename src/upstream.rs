@@ -5,6 +5,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,6 +66,7 @@ impl Origin {
             .build(FixedDestination {
                 inner: https,
                 target,
+                connect_timeout,
             });
         Origin { client }
     }
@@ -83,7 +86,26 @@ impl Origin {
 struct FixedDestination {
     inner: HttpsConnector<HttpConnector>,
     target: Uri,
+    /// Bounds the TCP connect and the TLS handshake together: an origin that accepts and never
+    /// speaks TLS is as unreachable as one that never accepts.
+    connect_timeout: Duration,
 }
+
+/// The origin did not complete the TCP connect and TLS handshake within `upstream_connect`.
+#[derive(Debug)]
+pub struct ConnectTimeout(pub Duration);
+
+impl std::fmt::Display for ConnectTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connect and TLS handshake not done within {}",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for ConnectTimeout {}
 
 type Connecting = Pin<
     Box<
@@ -102,7 +124,14 @@ impl tower_service::Service<Uri> for FixedDestination {
     }
 
     fn call(&mut self, _requested: Uri) -> Self::Future {
-        Box::pin(self.inner.call(self.target.clone()))
+        let connecting = self.inner.call(self.target.clone());
+        let limit = self.connect_timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(Box::new(ConnectTimeout(limit)) as crate::body::BoxError),
+            }
+        })
     }
 }
 
@@ -184,26 +213,65 @@ impl Body for UpstreamBody {
     }
 }
 
-/// A client's request body on its way to the origin, which says when it has been sent in full
-/// (or dropped): the wait for the origin's response headers starts then, so a slow upload is not
-/// mistaken for a slow origin.
+/// A client's request body on its way to the origin. It tells the request path three things:
+/// when it has been sent in full (the wait for the origin's response starts then, so a slow upload
+/// is not mistaken for a slow origin), whether the client broke it (a malformed or cut-off body is
+/// the client's fault, never the origin's), and how long the origin has left a piece unread.
 pub struct RequestBody {
     inner: Incoming,
     sent: Option<tokio::sync::oneshot::Sender<()>>,
+    upload: Arc<Upload>,
+}
+
+/// What the request path can see of an upload in progress.
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// Set when the client's body failed: `body_malformed` or `body_incomplete`.
+    client_error: std::sync::OnceLock<&'static str>,
+    /// When the last piece was handed to the origin's connection while it has not asked for the
+    /// next one yet, in milliseconds since `epoch` plus one (0: not waiting on the origin).
+    handed_at: AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Upload {
+    /// The client's fault, if its body broke.
+    pub fn client_error(&self) -> Option<&'static str> {
+        self.client_error.get().copied()
+    }
+
+    /// How long the origin has held a piece of the body without asking for the next: the time
+    /// it has not been reading. Zero while the proxy waits for the client instead.
+    pub fn origin_stalled_for(&self) -> Duration {
+        match (self.handed_at.load(Ordering::Relaxed), self.epoch.get()) {
+            (0, _) | (_, None) => Duration::ZERO,
+            (at, Some(epoch)) => epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(at - 1)),
+        }
+    }
+
+    fn handed(&self) {
+        let epoch = self.epoch.get_or_init(std::time::Instant::now);
+        let at = epoch.elapsed().as_millis() as u64 + 1;
+        self.handed_at.store(at, Ordering::Relaxed);
+    }
 }
 
 impl RequestBody {
-    /// The body, and a receiver that completes once it has been sent.
-    pub fn new(inner: Incoming) -> (RequestBody, tokio::sync::oneshot::Receiver<()>) {
+    /// The body, a receiver that completes once it has been sent, and its upload state.
+    pub fn new(inner: Incoming) -> (RequestBody, tokio::sync::oneshot::Receiver<()>, Arc<Upload>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let upload = Arc::new(Upload::default());
         let mut body = RequestBody {
             inner,
             sent: Some(tx),
+            upload: Arc::clone(&upload),
         };
         if body.inner.is_end_stream() {
             body.signal();
         }
-        (body, rx)
+        (body, rx, upload)
     }
 
     fn signal(&mut self) {
@@ -221,10 +289,27 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Asked for the next piece: whatever the origin held, it has read.
+        self.upload.handed_at.store(0, Ordering::Relaxed);
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let ended = match &polled {
-            Poll::Ready(None | Some(Err(_))) => true,
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Err(e))) => {
+                let kind = if e.is_incomplete_message() {
+                    "body_incomplete"
+                } else {
+                    "body_malformed"
+                };
+                let _ = self.upload.client_error.set(kind);
+                true
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                let end = self.inner.is_end_stream();
+                if !end {
+                    self.upload.handed();
+                }
+                end
+            }
             Poll::Pending => false,
         };
         if ended {

@@ -355,7 +355,7 @@ async fn put_patch_and_delete_are_forwarded_with_their_bodies() {
 // 6. HEAD and bodiless statuses -----------------------------------------------------------------
 
 #[tokio::test]
-async fn head_gets_the_headers_without_a_body_and_is_not_rewritten() {
+async fn head_gets_the_headers_its_get_would_get_without_a_body() {
     let origin = origin()
         .route("/", |_| {
             Reply::html(PAGE)
@@ -365,23 +365,36 @@ async fn head_gets_the_headers_without_a_body_and_is_not_rewritten() {
         .start()
         .await;
     let proxy = proxy("", origin.addr).await;
-    let rsp = raw(
-        proxy.addr,
-        "HEAD / HTTP/1.1\r\nHost: www.site.test\r\nCookie: km_ai=abc\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(rsp.status(), 200, "{}", rsp.head);
-    assert!(rsp.body.is_empty(), "HEAD got a body: {:?}", rsp.body);
-    assert_eq!(rsp.header("content-type"), Some("text/html; charset=utf-8"));
-    assert_eq!(
-        rsp.header("content-length"),
-        Some(PAGE.len().to_string().as_str()),
-        "HEAD keeps the origin's length\n{}",
-        rsp.head
-    );
-    assert_eq!(rsp.header("cache-control"), Some("public, max-age=60"));
-    assert_eq!(rsp.header("etag"), Some("\"v1\""));
-    assert_eq!(origin.the_request().method, "HEAD");
+    let ask = |method: &str| {
+        format!(
+            "{method} / HTTP/1.1\r\nHost: www.site.test\r\nCookie: km_ai=abc\r\n\
+             Connection: close\r\n\r\n"
+        )
+    };
+    let head = raw(proxy.addr, &ask("HEAD")).await;
+    let get = raw(proxy.addr, &ask("GET")).await;
+    assert_eq!(head.status(), 200, "{}", head.head);
+    assert!(head.body.is_empty(), "HEAD got a body: {:?}", head.body);
+    assert_eq!(origin.requests()[0].method, "HEAD");
+    // A cache that stores the HEAD's headers must not learn that the decorated page is public,
+    // nor a strong validator that the GET does not have (RFC 9110 §9.3.2).
+    for field in [
+        "content-type",
+        "cache-control",
+        "etag",
+        "vary",
+        "content-length",
+    ] {
+        assert_eq!(
+            head.header(field),
+            get.header(field),
+            "{field}: HEAD\n{}\nGET\n{}",
+            head.head,
+            get.head
+        );
+    }
+    assert_eq!(head.header("cache-control"), Some("max-age=60, private"));
+    assert_eq!(head.header("etag"), Some("W/\"v1\""));
 }
 
 #[tokio::test]
@@ -720,7 +733,7 @@ async fn json_response_keeps_its_vary_and_cache_headers() {
 // 9. Origin failures ----------------------------------------------------------------------------
 
 #[tokio::test]
-async fn origin_down_is_a_502_with_a_one_line_reason_naming_the_upstream() {
+async fn origin_down_is_a_502_with_a_one_line_public_reason() {
     let dead = closed_port().await;
     let proxy = proxy("", dead).await;
     for attempt in 1..=2 {
@@ -736,10 +749,10 @@ async fn origin_down_is_a_502_with_a_one_line_reason_naming_the_upstream() {
             1,
             "one line, attempt {attempt}: {text:?}"
         );
-        assert!(text.ends_with('\n'), "{text:?}");
+        assert_eq!(text, "502 Bad Gateway: cannot connect to the origin\n");
         assert!(
-            text.contains(&format!("upstream http://{dead}")),
-            "the reason names the upstream: {text:?}"
+            !text.contains(&dead.port().to_string()),
+            "the origin's address is for the log, not the client: {text:?}"
         );
     }
 }
@@ -755,7 +768,7 @@ async fn origin_hanging_up_before_answering_is_a_502() {
         let text = text_of(rsp).await;
         assert_eq!(text.lines().count(), 1, "{text:?}");
         assert!(
-            text.contains(&format!("upstream http://{origin}")),
+            text.starts_with("502 Bad Gateway: ") && !text.contains(&origin.port().to_string()),
             "{text:?}"
         );
     }
@@ -780,11 +793,10 @@ async fn silent_origin_is_a_504_and_the_proxy_carries_on() {
     );
     let text = text_of(rsp).await;
     assert_eq!(text.lines().count(), 1, "{text:?}");
-    assert!(
-        text.contains(&format!("upstream http://{}", origin.addr)),
-        "{text:?}"
+    assert_eq!(
+        text,
+        "504 Gateway Timeout: the origin did not answer in time\n"
     );
-    assert!(text.contains("200ms"), "{text:?}");
 
     // The next request is served normally.
     let rsp = get(proxy.addr, "/").cookie("km_ai=abc").send().await;
