@@ -156,18 +156,19 @@ impl Drop for AccessLog {
             bailed_out,
             body = self.body_outcome,
             error = self.upstream_error.or(self.client_error).unwrap_or("-"),
-            tunnel = %Tunnel(self.tunnel),
+            tunnel_up = %Count(self.tunnel.map(|(up, _)| up)),
+            tunnel_down = %Count(self.tunnel.map(|(_, down)| down)),
         );
     }
 }
 
-/// A tunnel's bytes each way (`up=N down=N`), or `-` for a plain request.
-struct Tunnel(Option<(u64, u64)>);
+/// A count, or `-` where there is none (a tunnel's bytes, on a plain request).
+struct Count(Option<u64>);
 
-impl std::fmt::Display for Tunnel {
+impl std::fmt::Display for Count {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Some((up, down)) => write!(f, "up={up} down={down}"),
+            Some(n) => write!(f, "{n}"),
             None => f.write_str("-"),
         }
     }

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -114,19 +115,19 @@ async fn run(
         last: AtomicU64::new(0),
         start: Instant::now(),
     });
-    let mut client = Metered {
+    let client = Metered {
         io: TokioIo::new(client),
         read: Direction::Up,
         activity: Arc::clone(&activity),
     };
-    let mut origin = Metered {
+    let origin = Metered {
         io: TokioIo::new(origin),
         read: Direction::Down,
         activity: Arc::clone(&activity),
     };
     let outcome = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut origin) => match copied {
-            Ok(_) => "complete",
+        copied = copy_both_ways(client, origin) => match copied {
+            Ok(()) => "complete",
             Err(e) => {
                 tracing::debug!("tunnel closed: {e}");
                 "reset"
@@ -142,6 +143,39 @@ async fn run(
     ));
     log.bytes_out = activity.down.load(Ordering::Relaxed);
     log.bytes_upstream = log.bytes_out;
+}
+
+/// How long the other direction may still run once one side has closed: long enough for a
+/// close handshake's last frame, short enough that a side that never closes does not keep the
+/// tunnel (and its connection's place) for ever.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Copies both ways; when one side has finished sending (and the other been told so), the other
+/// direction gets [`LINGER`] to finish too.
+async fn copy_both_ways<A, B>(client: A, origin: B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut origin_read, mut origin_write) = tokio::io::split(origin);
+    let up = async {
+        tokio::io::copy(&mut client_read, &mut origin_write).await?;
+        origin_write.shutdown().await
+    };
+    let down = async {
+        tokio::io::copy(&mut origin_read, &mut client_write).await?;
+        client_write.shutdown().await
+    };
+    tokio::pin!(up, down);
+    let rest = tokio::select! {
+        done = &mut up => { done?; down.as_mut().left_future() }
+        done = &mut down => { done?; up.as_mut().right_future() }
+    };
+    match tokio::time::timeout(LINGER, rest).await {
+        Ok(done) => done,
+        Err(_) => Ok(()),
+    }
 }
 
 /// Completes once no byte has moved either way for `idle`.
