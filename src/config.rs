@@ -245,7 +245,8 @@ pub struct Timeouts {
     pub client_idle: Duration,
     /// TCP connect (and TLS handshake) to the origin; past it the request fails with 502.
     pub upstream_connect: Duration,
-    /// From the end of the request body to the origin's response headers; past it, 504.
+    /// From the end of the request body to the origin's response headers; past it, 504. While the
+    /// body is sent, also the longest the origin may leave a piece of it unread (504).
     pub upstream_response: Duration,
     /// The longest pause between two pieces of the origin's response body; past it the client's
     /// response ends in an error.

@@ -12,6 +12,7 @@
 //! [`within`] so that a broken proxy fails a test instead of hanging it.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod nginx;
 pub mod pki;
 pub mod websocket;
 
