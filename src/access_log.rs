@@ -9,6 +9,7 @@ use crate::decorate::Decorator;
 use crate::metrics::{self, Metrics, PartnerLabels, RequestLabels};
 use crate::partner::PartnerIndex;
 use crate::rewrite::RewriteStats;
+use crate::splice::SpliceReport;
 
 /// Everything known about one request; logged and counted on drop.
 pub struct AccessLog {
@@ -23,6 +24,8 @@ pub struct AccessLog {
     /// Why the page was or was not rewritten: `rewritten`, `no_id`, `not_html`, ...
     pub rewrite: &'static str,
     pub stats: Option<Arc<RewriteStats>>,
+    /// For a rewritten page: which path served it (parsed, recorded, spliced, diverged).
+    pub splice: Option<Arc<SpliceReport>>,
     /// How the body ended: `complete`, `upstream_error`, `client_gone`.
     pub body_outcome: &'static str,
     /// The kind of upstream failure, if the origin could not be reached or broke off.
@@ -60,6 +63,7 @@ impl AccessLog {
             bytes_upstream: 0,
             rewrite: "-",
             stats: None,
+            splice: None,
             body_outcome: "complete",
             upstream_error: None,
             client_error: None,
@@ -122,6 +126,12 @@ impl AccessLog {
                 })
                 .inc();
         }
+        if let Some(report) = &self.splice {
+            Metrics::reason(&m.pages, report.path().as_str());
+            if let Some(at) = report.diverged_at() {
+                m.divergence_offset.observe(at as f64);
+            }
+        }
         if let Some(stats) = &self.stats {
             for (partner, n) in stats.links_by_partner().filter(|&(_, n)| n > 0) {
                 m.links_decorated
@@ -153,6 +163,7 @@ impl Drop for AccessLog {
             total_ms = %Millis(Some(self.started.elapsed())),
             links_decorated = links,
             rewrite = self.rewrite,
+            splice = self.splice.as_ref().map_or("-", |r| r.path().as_str()),
             bailed_out,
             body = self.body_outcome,
             error = self.upstream_error.or(self.client_error).unwrap_or("-"),

@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::access_log::AccessLog;
 use crate::coding::{Coding, Decoder, Encoder};
-use crate::rewrite::PageRewriter;
+use crate::splice::Splicer;
 use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,7 +33,7 @@ enum Kind {
 
 struct Rewriting {
     upstream: UpstreamBody,
-    rewriter: PageRewriter,
+    rewriter: Splicer,
     /// For a compressed page: the origin's coding undone before the rewriter, redone after it.
     codec: Option<(Decoder, Encoder)>,
     /// Trailers from the origin, held until the rewriter's last bytes are out.
@@ -66,7 +66,7 @@ impl ResponseBody {
 
     pub fn rewrite(
         body: UpstreamBody,
-        rewriter: PageRewriter,
+        rewriter: Splicer,
         coding: Option<Coding>,
         log: AccessLog,
     ) -> ResponseBody {

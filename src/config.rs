@@ -78,6 +78,7 @@ struct RawRedirect {
 #[serde(deny_unknown_fields)]
 struct RawRewrite {
     memory_limit: Option<i64>,
+    cache_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +151,7 @@ struct RawPartner {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MEMORY_LIMIT: usize = 4 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Below this lol_html cannot hold even one `<a>` tag, so every page would bail out.
 pub const MIN_MEMORY_LIMIT: usize = 4096;
 
@@ -179,6 +181,8 @@ pub struct Config {
     pub decorator: Arc<Decorator>,
     /// lol_html's buffering limit per page, in bytes.
     pub memory_limit: usize,
+    /// Bytes of recorded rewrites kept for splicing; 0 turns splicing off.
+    pub cache_bytes: usize,
     pub timeouts: Timeouts,
     pub limits: Limits,
     /// How long in-flight requests may run after SIGTERM before connections are dropped.
@@ -512,6 +516,18 @@ impl Validator {
                 DEFAULT_MEMORY_LIMIT
             }
         };
+        let cache_bytes = match raw.rewrite.cache_bytes {
+            None => DEFAULT_CACHE_BYTES,
+            Some(n) if n >= 0 => n as usize,
+            Some(n) => {
+                self.problem(
+                    "rewrite.cache_bytes",
+                    n,
+                    "bytes of recorded pages to keep: 0 (splicing off) or more",
+                );
+                DEFAULT_CACHE_BYTES
+            }
+        };
         let t = raw.timeouts;
         let timeouts = Timeouts {
             client_header: self.duration("timeouts.client_header", t.client_header, 30),
@@ -653,6 +669,7 @@ impl Validator {
             consent,
             decorator,
             memory_limit,
+            cache_bytes,
             timeouts,
             limits,
             shutdown_timeout,

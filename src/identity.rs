@@ -79,6 +79,16 @@ impl VisitorId {
         })
     }
 
+    /// A stand-in ID with given forms, for recording a rewrite whose output the real ID is
+    /// spliced into later (see `splice`). Both forms must be plain ASCII that neither
+    /// percent-encoding nor HTML escaping would change.
+    pub(crate) fn stand_in(decoded: String, url_encoded: String) -> VisitorId {
+        VisitorId {
+            decoded,
+            url_encoded,
+        }
+    }
+
     /// The ID as `KM.i()` would return it.
     pub fn as_str(&self) -> &str {
         &self.decoded

@@ -8,6 +8,8 @@
 //! - [`partner`]: partner domain patterns and host matching. Pure.
 //! - [`decorate`]: one href + ID → decorated href. Pure.
 //! - [`rewrite`]: the streaming HTML rewriter, the only module that knows lol_html.
+//! - [`splice`]: parse once, splice per visitor: recordings of rewrites, replayed with each
+//!   visitor's ID after every byte is verified.
 //! - [`headers`]: hop-by-hop, forwarding and cache-safety header rules. Pure.
 //! - [`proxy`]: one request through the origin and back; decides what gets rewritten.
 //! - [`body`]: response bodies, passed through or rewritten, streamed frame by frame.
@@ -34,6 +36,7 @@ pub mod proxy;
 pub mod request;
 pub mod rewrite;
 pub mod server;
+pub mod splice;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

@@ -56,6 +56,12 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     pub bytes: Family<DirectionLabels, Counter>,
     pub open_connections: Gauge,
+    /// Rewritten pages by the path that served them: parsed, recorded, spliced, diverged.
+    pub pages: Family<ReasonLabels, Counter>,
+    /// Where a replay met its first differing byte, in input bytes.
+    pub divergence_offset: Histogram,
+    pub recordings: Gauge,
+    pub recording_bytes: Gauge,
     pub rewriter_bailouts: Counter,
     pub config_reloads: Family<ReasonLabels, Counter>,
 }
@@ -124,6 +130,32 @@ impl Metrics {
             "Response body bytes, from the origin and to clients",
             bytes.clone(),
         );
+        let pages = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "pages",
+            "Rewritten pages by the path that served them (parsed, recorded, spliced, diverged)",
+            pages.clone(),
+        );
+        let divergence_offset = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(64.0, 4.0, 10),
+        );
+        registry.register(
+            "divergence_offset_bytes",
+            "Input offset of the first byte where a page differed from its recording",
+            divergence_offset.clone(),
+        );
+        let recordings = Gauge::default();
+        registry.register(
+            "recordings",
+            "Recorded pages held for splicing (current configuration)",
+            recordings.clone(),
+        );
+        let recording_bytes = Gauge::default();
+        registry.register(
+            "recording_bytes",
+            "Bytes held by recorded pages (current configuration)",
+            recording_bytes.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -154,6 +186,10 @@ impl Metrics {
             upstream_duration,
             bytes,
             open_connections,
+            pages,
+            divergence_offset,
+            recordings,
+            recording_bytes,
             rewriter_bailouts,
             config_reloads,
         }

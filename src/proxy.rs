@@ -23,7 +23,8 @@ use crate::decorate::Outcome;
 use crate::headers;
 use crate::identity::{self, Identity, VisitorId};
 use crate::metrics::Metrics;
-use crate::rewrite::{self, Charset, Page, PageRewriter};
+use crate::rewrite::{self, Charset, Page};
+use crate::splice::{self, Recordings, Splicer};
 use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
 use crate::{consent, paths, request, tunnel};
 use arc_swap::ArcSwap;
@@ -61,12 +62,20 @@ pub struct Proxy {
 pub struct Snapshot {
     pub config: Arc<Config>,
     origin: Origin,
+    /// Recorded rewrites of this configuration: a reload starts with none, so a recording never
+    /// outlives the settings it was made under.
+    recordings: Option<Arc<Recordings>>,
 }
 
 impl Snapshot {
-    fn new(config: Arc<Config>) -> Snapshot {
+    fn new(config: Arc<Config>, metrics: &Arc<Metrics>) -> Snapshot {
         let origin = Origin::new(&config.upstream, config.timeouts.upstream_connect);
-        Snapshot { config, origin }
+        let recordings = Recordings::new(config.cache_bytes, Arc::clone(metrics));
+        Snapshot {
+            config,
+            origin,
+            recordings,
+        }
     }
 }
 
@@ -200,9 +209,10 @@ fn may_be_rewritten(method: &Method, headers: &HeaderMap) -> bool {
 
 impl Proxy {
     pub fn new(config: Arc<Config>) -> Proxy {
+        let metrics = Arc::new(Metrics::new());
         Proxy {
-            current: ArcSwap::from_pointee(Snapshot::new(config)),
-            metrics: Arc::new(Metrics::new()),
+            current: ArcSwap::from_pointee(Snapshot::new(config, &metrics)),
+            metrics,
         }
     }
 
@@ -250,7 +260,7 @@ impl Proxy {
             })
             .collect();
         self.current
-            .store(Arc::new(Snapshot::new(Arc::new(config))));
+            .store(Arc::new(Snapshot::new(Arc::new(config), &self.metrics)));
         Metrics::reason(&self.metrics.config_reloads, "ok");
         restart
     }
@@ -284,7 +294,7 @@ impl Proxy {
             return Self::switch_protocols(config, response, conn, exchange);
         }
         let (response, decision) = self.response_head(config, response, &mut exchange);
-        Self::response_body(config, response, decision, exchange)
+        Self::response_body(&snapshot, response, decision, exchange)
     }
 
     /// Phase 1, the request filter: refuses what the edge does not accept (4xx/5xx, the
@@ -640,11 +650,12 @@ impl Proxy {
 
     /// Phase 5, the body: streamed through the rewriter or passed through untouched.
     fn response_body(
-        config: &Config,
+        snapshot: &Snapshot,
         response: Response<Incoming>,
         decision: Decision,
         exchange: Exchange,
     ) -> Response<ResponseBody> {
+        let config = &snapshot.config;
         let mut log = exchange.log;
         let (parts, body) = response.into_parts();
         let upstream = UpstreamBody::new(body, config.timeouts.upstream_body_idle);
@@ -656,13 +667,25 @@ impl Proxy {
                     .ok()
                     .filter(|_| partners.any_inline())
                     .cloned();
+                // The recording of this page, if any: its key holds everything besides the
+                // configuration that can change the rewriter's output.
+                let store = snapshot.recordings.as_ref().map(|store| {
+                    let content_type = parts
+                        .headers
+                        .get(CONTENT_TYPE)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    let key = splice::Key::new(exchange.page.as_str(), &content_type, id.is_some());
+                    (Arc::clone(store), key)
+                });
                 let page = Page {
                     url: exchange.page,
                     charset,
                     memory_limit: config.memory_limit,
                 };
-                let rewriter = PageRewriter::new(Arc::clone(&config.decorator), id, page);
+                let rewriter = Splicer::new(Arc::clone(&config.decorator), id, page, store);
                 log.stats = Some(rewriter.stats());
+                log.splice = Some(rewriter.report());
                 ResponseBody::rewrite(upstream, rewriter, coding, log)
             }
             Decision::NotRewritable(why) | Decision::PageNotRewritten(why) => {

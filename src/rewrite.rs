@@ -80,6 +80,26 @@ impl RewriteStats {
         }
     }
 
+    /// Counters for a page of a configuration with `partners` partners.
+    pub fn shared(partners: usize) -> Arc<RewriteStats> {
+        Arc::new(RewriteStats::new(partners))
+    }
+
+    /// Links decorated per partner, in configuration order.
+    pub fn counts(&self) -> Vec<usize> {
+        self.links
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Adds the links of a page answered without a parse (a splice of a recorded rewrite).
+    pub fn add(&self, counts: &[usize]) {
+        for (n, add) in self.links.iter().zip(counts) {
+            n.fetch_add(*add, Ordering::Relaxed);
+        }
+    }
+
     /// Links decorated in all.
     pub fn links_decorated(&self) -> usize {
         self.links.iter().map(|n| n.load(Ordering::Relaxed)).sum()
@@ -130,8 +150,18 @@ impl PageRewriter {
     /// A rewriter for one page. Without an ID only `mode = "redirect"` partners' links change,
     /// the same for every visitor.
     pub fn new(decorator: Arc<Decorator>, id: Option<VisitorId>, page: Page) -> PageRewriter {
+        let stats = RewriteStats::shared(decorator.partners.len());
+        PageRewriter::with_stats(decorator, id, page, stats)
+    }
+
+    /// A rewriter that counts into `stats` (shared with the splicer that may start it midway).
+    pub fn with_stats(
+        decorator: Arc<Decorator>,
+        id: Option<VisitorId>,
+        page: Page,
+        stats: Arc<RewriteStats>,
+    ) -> PageRewriter {
         let out = Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024)));
-        let stats = Arc::new(RewriteStats::new(decorator.partners.len()));
 
         let sink_out = Arc::clone(&out);
         let sink: Sink = Box::new(move |chunk: &[u8]| {
@@ -217,6 +247,23 @@ impl PageRewriter {
     fn take(&self) -> Bytes {
         self.take_mut().freeze()
     }
+}
+
+/// An attribute value escaped for HTML and written in ASCII alone: non-ASCII characters become
+/// numeric character references. The value means the same to the browser in every page
+/// encoding, and the bytes are the same whatever encoding lol_html writes the page in (which a
+/// recorded rewrite relies on: see `splice`).
+pub fn ascii_attribute(value: &str) -> String {
+    let escaped = htmlize::escape_attribute(value);
+    let mut out = String::with_capacity(escaped.len());
+    for c in escaped.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("&#{};", u32::from(c)));
+        }
+    }
+    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -360,7 +407,7 @@ impl LinkHandler {
                 let input = format!(
                     "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
                     self.decorator.param,
-                    htmlize::escape_attribute(id.as_str())
+                    ascii_attribute(id.as_str())
                 );
                 el.append(&input, ContentType::Html);
             }

@@ -1,0 +1,875 @@
+//! Parse once, splice per visitor. A rewritten page is the same bytes for every visitor but the
+//! ID, so the first rewrite of a URL is recorded (input, output with the ID as slots, and
+//! checkpoints "after input byte k, the output up to n was out"), and later responses with the
+//! same bytes are verified as they stream and answered from the recording with this visitor's
+//! ID in the slots, with no parse at all. On the first byte that differs, a fresh rewriter is fed
+//! the recorded prefix and then the live bytes, and the output already sent is dropped from its
+//! output: nothing is lost, duplicated or reordered.
+//!
+//! Why that is exact. The recording is made by a normal rewrite with a random stand-in ID (the
+//! sentinel) whose two forms (URL-encoded for links, HTML-escaped for a form's hidden input) are
+//! plain ASCII that no escaping changes, so the output for a real ID is the recorded output with
+//! each sentinel replaced by the real ID's form. lol_html never takes output back: what it had
+//! written after input [0, k) is a prefix of its final output for *any* continuation, and its
+//! final output does not depend on how the input was chunked. So for a live body whose first k
+//! bytes equal the recording's, the recorded output up to checkpoint k is a prefix of what the
+//! uncached rewriter would send, and a fresh rewriter fed the same bytes produces that prefix
+//! again before anything new. Nothing is ever spliced into bytes that were not compared, byte for
+//! byte, with the recorded input. `tests/splice.rs` holds this to the uncached rewriter.
+//!
+//! Everything else that could change the output is part of the recording's key or of its store:
+//! the store belongs to one configuration snapshot (a reload starts an empty one), and the key
+//! holds the page URL, the response's Content-Type and whether there is an ID at all.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+
+use crate::decorate::Decorator;
+use crate::identity::VisitorId;
+use crate::metrics::Metrics;
+use crate::rewrite::{Page, PageRewriter, RewriteStats};
+
+/// `kmi` and 32 hex digits: what every sentinel starts with.
+const STEM_LEN: usize = 35;
+/// A sentinel is its stem and one byte naming the form: `u` (links) or `h` (hidden inputs).
+const SENTINEL_LEN: usize = STEM_LEN + 1;
+
+/// After this many divergences in a row, a URL is not recorded for [`UNSTABLE_FOR`]: a page that
+/// changes on every request (a nonce in its head) then costs what it cost before splicing.
+const MAX_MISSES: u32 = 3;
+
+/// A recording has a checkpoint at least every this many input bytes.
+const CHECKPOINT_EVERY: usize = 8 * 1024;
+const UNSTABLE_FOR: Duration = Duration::from_secs(30);
+
+/// The two forms an ID takes in a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Percent-encoded, in a link's query.
+    Url,
+    /// HTML-escaped, as a form's hidden input value.
+    Html,
+}
+
+/// A random stand-in for the visitor's ID, one per recording. It never leaves the proxy: every
+/// byte sent has it replaced by the visitor's own ID.
+#[derive(Clone, Copy)]
+struct Sentinel {
+    stem: [u8; STEM_LEN],
+}
+
+impl Sentinel {
+    fn random() -> Sentinel {
+        // 128 bits from std's per-process random SipHash keys (seeded by the OS), fresh keys
+        // per call: nobody outside can predict a sentinel to plant it in a page.
+        let mut stem = [0u8; STEM_LEN];
+        stem[..3].copy_from_slice(b"kmi");
+        let hex = b"0123456789abcdef";
+        for half in 0..2 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(half);
+            let bits = h.finish();
+            for i in 0..16 {
+                stem[3 + half * 16 + i] = hex[((bits >> (i * 4)) & 0xf) as usize];
+            }
+        }
+        Sentinel { stem }
+    }
+
+    fn stem(&self) -> &str {
+        std::str::from_utf8(&self.stem).expect("ASCII")
+    }
+
+    /// The ID the recording rewrite runs with.
+    fn id(&self) -> VisitorId {
+        VisitorId::stand_in(format!("{}h", self.stem()), format!("{}u", self.stem()))
+    }
+}
+
+/// The visitor's ID in both forms, ready to splice.
+#[derive(Clone)]
+struct Forms {
+    url: Bytes,
+    html: Bytes,
+}
+
+impl Forms {
+    fn of(id: Option<&VisitorId>) -> Forms {
+        match id {
+            Some(id) => Forms {
+                url: Bytes::copy_from_slice(id.url_encoded().as_bytes()),
+                html: Bytes::from(crate::rewrite::ascii_attribute(id.as_str())),
+            },
+            None => Forms {
+                url: Bytes::new(),
+                html: Bytes::new(),
+            },
+        }
+    }
+
+    fn get(&self, form: Form) -> &Bytes {
+        match form {
+            Form::Url => &self.url,
+            Form::Html => &self.html,
+        }
+    }
+}
+
+/// One recorded rewrite: shared, read-only, by every request that replays it.
+pub struct Recording {
+    sentinel: Sentinel,
+    input: Bytes,
+    /// The rewriter's output with the sentinel in the slots.
+    output: Bytes,
+    /// Where the sentinels are in `output`, in order.
+    slots: Vec<(usize, Form)>,
+    /// `(k, n)`: after input `[0, k)` the output `[0, n)` was out. Both never decrease, and `n`
+    /// is never inside a slot. The output after the end of input is all of `output`.
+    checkpoints: Vec<(usize, usize)>,
+    /// Links decorated, per partner, for the access log and the metrics.
+    links: Vec<usize>,
+    /// Divergences in a row up to this recording.
+    misses: AtomicU32,
+}
+
+impl Recording {
+    /// Memory held, for the store's budget.
+    fn weight(&self) -> usize {
+        self.input.len()
+            + self.output.len()
+            + self.slots.len() * 16
+            + self.checkpoints.len() * 16
+            + self.links.len() * 8
+            + 256
+    }
+
+    /// The output `[from, to)` for a visitor: static bytes shared with the recording where there
+    /// is no slot, the visitor's ID where there is.
+    fn splice(&self, from: usize, to: usize, forms: &Forms) -> Bytes {
+        let first = self.slots.partition_point(|&(at, _)| at < from);
+        let slots = &self.slots[first..];
+        if !matches!(slots.first(), Some(&(at, _)) if at < to) {
+            return self.output.slice(from..to);
+        }
+        let mut out = BytesMut::with_capacity(to - from + 64);
+        let mut at = from;
+        for &(slot, form) in slots.iter().take_while(|&&(s, _)| s < to) {
+            out.extend_from_slice(&self.output[at..slot]);
+            out.extend_from_slice(forms.get(form));
+            at = slot + SENTINEL_LEN;
+        }
+        out.extend_from_slice(&self.output[at..to]);
+        out.freeze()
+    }
+
+    /// The output known once input `[0, verified)` matched: the last checkpoint at or before it.
+    fn covered(&self, verified: usize) -> usize {
+        let i = self.checkpoints.partition_point(|&(k, _)| k <= verified);
+        if i == 0 {
+            0
+        } else {
+            self.checkpoints[i - 1].1
+        }
+    }
+}
+
+/// Builds a recording while a page is rewritten with the sentinel.
+struct Recorder {
+    input: BytesMut,
+    output: BytesMut,
+    checkpoints: Vec<(usize, usize)>,
+    /// Past this many bytes (input and output) the page is not recorded.
+    limit: usize,
+    /// Divergences in a row before this page.
+    misses: u32,
+}
+
+impl Recorder {
+    fn new(limit: usize, misses: u32) -> Recorder {
+        Recorder {
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            checkpoints: Vec::new(),
+            limit,
+            misses,
+        }
+    }
+
+    /// Whether the page is still small enough to record; false drops what was held.
+    fn fits(&mut self, more: usize) -> bool {
+        if self.input.len() + self.output.len() + more > self.limit {
+            self.input = BytesMut::new();
+            self.output = BytesMut::new();
+            self.limit = 0;
+            return false;
+        }
+        true
+    }
+
+    fn finish(mut self, sentinel: Sentinel, stats: &RewriteStats) -> Option<Recording> {
+        if self.limit == 0 || stats.bailed_out() {
+            return None;
+        }
+        // A page that already contains the sentinel's stem cannot tell its own bytes from slots.
+        if memmem::find(&self.input, &sentinel.stem).is_some() {
+            return None;
+        }
+        let output = self.output.freeze();
+        let mut slots = Vec::new();
+        for at in memmem::find_iter(&output, &sentinel.stem) {
+            match output.get(at + STEM_LEN) {
+                Some(b'u') => slots.push((at, Form::Url)),
+                Some(b'h') => slots.push((at, Form::Html)),
+                _ => return None,
+            }
+        }
+        // Output known after input [0, k) is known after any longer prefix too, so `n` may be
+        // carried forward; and a checkpoint inside a slot moves back to the slot's start: half
+        // an ID is never sent.
+        let mut known = 0;
+        for cp in &mut self.checkpoints {
+            known = known.max(cp.1);
+            cp.1 = known;
+        }
+        for cp in &mut self.checkpoints {
+            let i = slots.partition_point(|&(at, _)| at < cp.1);
+            if i > 0 {
+                let (at, _) = slots[i - 1];
+                if cp.1 < at + SENTINEL_LEN {
+                    cp.1 = at;
+                }
+            }
+        }
+        Some(Recording {
+            sentinel,
+            input: self.input.freeze(),
+            output,
+            slots,
+            checkpoints: self.checkpoints,
+            links: stats.counts(),
+            misses: AtomicU32::new(self.misses),
+        })
+    }
+}
+
+/// Replaces sentinels in a stream of output with the visitor's ID, holding back the end of a
+/// chunk that could be the start of a sentinel split across two chunks.
+struct Substitute {
+    sentinel: Sentinel,
+    forms: Forms,
+    held: Vec<u8>,
+}
+
+impl Substitute {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        let joined;
+        let data: &[u8] = if self.held.is_empty() {
+            chunk
+        } else {
+            self.held.extend_from_slice(chunk);
+            joined = std::mem::take(&mut self.held);
+            &joined
+        };
+        let mut at = 0;
+        for found in memmem::find_iter(data, &self.sentinel.stem) {
+            if found < at {
+                continue;
+            }
+            let form = match data.get(found + STEM_LEN) {
+                Some(b'u') => Form::Url,
+                Some(b'h') => Form::Html,
+                Some(_) => continue,
+                None => {
+                    // The form byte is in the next chunk.
+                    out.extend_from_slice(&data[at..found]);
+                    self.held = data[found..].to_vec();
+                    return;
+                }
+            };
+            out.extend_from_slice(&data[at..found]);
+            out.extend_from_slice(self.forms.get(form));
+            at = found + SENTINEL_LEN;
+        }
+        let rest = &data[at..];
+        let keep = (1..=rest.len().min(STEM_LEN - 1))
+            .rev()
+            .find(|&n| rest[rest.len() - n..] == self.sentinel.stem[..n])
+            .unwrap_or(0);
+        out.extend_from_slice(&rest[..rest.len() - keep]);
+        self.held = rest[rest.len() - keep..].to_vec();
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        out.extend_from_slice(&std::mem::take(&mut self.held));
+    }
+}
+
+/// Which path served a page, for the access log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Path {
+    /// Parsed, with no recording (splicing off, the URL unstable, or the page too large).
+    Parsed = 0,
+    /// Parsed with the sentinel and recorded for the next visitors.
+    Recorded = 1,
+    /// Answered from a recording, every byte verified.
+    Spliced = 2,
+    /// Answered from a recording up to a difference, then parsed.
+    Diverged = 3,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Parsed => "parsed",
+            Path::Recorded => "recorded",
+            Path::Spliced => "spliced",
+            Path::Diverged => "diverged",
+        }
+    }
+}
+
+/// What one page's splicer tells the access log: the path, and where a replay diverged.
+#[derive(Debug, Default)]
+pub struct SpliceReport {
+    path: AtomicU8,
+    diverged_at: AtomicUsize,
+}
+
+impl SpliceReport {
+    pub fn path(&self) -> Path {
+        match self.path.load(Ordering::Relaxed) {
+            1 => Path::Recorded,
+            2 => Path::Spliced,
+            3 => Path::Diverged,
+            _ => Path::Parsed,
+        }
+    }
+
+    /// The input offset of the first differing byte, for a diverged replay.
+    pub fn diverged_at(&self) -> Option<usize> {
+        (self.path() == Path::Diverged).then(|| self.diverged_at.load(Ordering::Relaxed))
+    }
+
+    fn set(&self, path: Path) {
+        self.path.store(path as u8, Ordering::Relaxed);
+    }
+}
+
+/// What identifies a recording within one configuration's store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The page URL (scheme, host, path, query): relative links resolve against it.
+    pub url: String,
+    /// The response's Content-Type, which carries the charset.
+    pub content_type: String,
+    /// Whether the page was rewritten for a visitor with an ID (without one, only redirect-mode
+    /// links change).
+    pub with_id: bool,
+}
+
+impl Key {
+    pub fn new(url: &str, content_type: &str, with_id: bool) -> Key {
+        Key {
+            url: url.to_owned(),
+            content_type: content_type.to_owned(),
+            with_id,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Entry {
+    Page(Arc<Recording>),
+    /// Diverged too often: parse without recording until then.
+    Unstable(Instant),
+}
+
+#[derive(Clone)]
+struct Weight;
+
+impl quick_cache::Weighter<Key, Entry> for Weight {
+    fn weight(&self, key: &Key, entry: &Entry) -> u64 {
+        let entry = match entry {
+            Entry::Page(r) => r.weight(),
+            Entry::Unstable(_) => 64,
+        };
+        (key.url.len() + key.content_type.len() + entry) as u64
+    }
+}
+
+/// The recordings of one configuration snapshot, bounded by `rewrite.cache_bytes` (quick_cache
+/// evicts by weight); a page larger than a sixteenth of that is never recorded.
+pub struct Recordings {
+    cache: quick_cache::sync::Cache<Key, Entry, Weight>,
+    page_limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// What a request should do for its page.
+enum Lookup {
+    Replay(Arc<Recording>),
+    Record,
+    Parse,
+}
+
+impl Recordings {
+    /// A store of at most `bytes`; `None` when splicing is off (`cache_bytes = 0`).
+    pub fn new(bytes: usize, metrics: Arc<Metrics>) -> Option<Arc<Recordings>> {
+        if bytes == 0 {
+            return None;
+        }
+        metrics.recordings.set(0);
+        metrics.recording_bytes.set(0);
+        Some(Arc::new(Recordings {
+            cache: quick_cache::sync::Cache::with_weighter(
+                (bytes / (64 * 1024)).max(16),
+                bytes as u64,
+                Weight,
+            ),
+            page_limit: bytes / 16,
+            metrics,
+        }))
+    }
+
+    fn lookup(&self, key: &Key) -> Lookup {
+        match self.cache.get(key) {
+            Some(Entry::Page(r)) => Lookup::Replay(r),
+            Some(Entry::Unstable(until)) if Instant::now() < until => Lookup::Parse,
+            _ => Lookup::Record,
+        }
+    }
+
+    fn insert(&self, key: Key, entry: Entry) {
+        self.cache.insert(key, entry);
+        self.metrics.recordings.set(self.cache.len() as i64);
+        self.metrics.recording_bytes.set(self.cache.weight() as i64);
+    }
+
+    /// Recordings held and their bytes.
+    pub fn held(&self) -> (usize, u64) {
+        (self.cache.len(), self.cache.weight())
+    }
+}
+
+/// One page's rewrite: parsed, recorded, or spliced from a recording. Feed it with
+/// [`Splicer::write`] and finish with [`Splicer::end`], as a [`PageRewriter`].
+pub struct Splicer {
+    mode: Mode,
+    /// How to make a rewriter for this page: for a plain parse, a recording, or a divergence.
+    decorator: Arc<Decorator>,
+    page: Page,
+    forms: Forms,
+    id: Option<VisitorId>,
+    /// Where a finished recording goes.
+    store: Option<(Arc<Recordings>, Key)>,
+    stats: Arc<RewriteStats>,
+    report: Arc<SpliceReport>,
+}
+
+enum Mode {
+    /// A normal rewrite with the real ID.
+    Parse(Box<PageRewriter>),
+    /// A rewrite with the sentinel: its output, less what was already sent, with the real ID.
+    Live(Box<Live>),
+    /// Comparing the live body with a recording.
+    Replay(Replay),
+    /// Between states, and after the end.
+    Done,
+}
+
+struct Live {
+    rewriter: PageRewriter,
+    sentinel: Sentinel,
+    substitute: Substitute,
+    /// Bytes of the sentinel output still to drop: what a replay had already sent.
+    skip: usize,
+    recorder: Option<Recorder>,
+}
+
+struct Replay {
+    recording: Arc<Recording>,
+    /// Input bytes compared equal so far.
+    verified: usize,
+    /// Output (in the recording's coordinates) sent so far.
+    sent: usize,
+}
+
+impl Splicer {
+    /// The rewrite for one page: from `store` when it holds this page, recorded into it when it
+    /// does not, a plain parse when there is no store (or the URL keeps changing).
+    pub fn new(
+        decorator: Arc<Decorator>,
+        id: Option<VisitorId>,
+        page: Page,
+        store: Option<(Arc<Recordings>, Key)>,
+    ) -> Splicer {
+        let stats = RewriteStats::shared(decorator.partners.len());
+        let mut splicer = Splicer {
+            mode: Mode::Done,
+            forms: Forms::of(id.as_ref()),
+            decorator,
+            page,
+            id,
+            store,
+            stats,
+            report: Arc::new(SpliceReport::default()),
+        };
+        let lookup = match &splicer.store {
+            None => Lookup::Parse,
+            Some((store, key)) => store.lookup(key),
+        };
+        splicer.mode = match lookup {
+            Lookup::Parse => {
+                splicer.report.set(Path::Parsed);
+                Mode::Parse(Box::new(splicer.rewriter(splicer.id.clone())))
+            }
+            Lookup::Record => {
+                splicer.report.set(Path::Recorded);
+                let limit = splicer.store.as_ref().map_or(0, |(s, _)| s.page_limit);
+                splicer.live(Sentinel::random(), 0, Some(Recorder::new(limit, 0)))
+            }
+            Lookup::Replay(recording) => {
+                splicer.report.set(Path::Spliced);
+                Mode::Replay(Replay {
+                    recording,
+                    verified: 0,
+                    sent: 0,
+                })
+            }
+        };
+        splicer
+    }
+
+    fn rewriter(&self, id: Option<VisitorId>) -> PageRewriter {
+        PageRewriter::with_stats(
+            Arc::clone(&self.decorator),
+            id,
+            self.page.clone(),
+            Arc::clone(&self.stats),
+        )
+    }
+
+    fn live(&self, sentinel: Sentinel, skip: usize, recorder: Option<Recorder>) -> Mode {
+        // Without an ID there is nothing to stand in for: the sentinel never appears.
+        let id = self.id.as_ref().map(|_| sentinel.id());
+        Mode::Live(Box::new(Live {
+            rewriter: self.rewriter(id),
+            sentinel,
+            substitute: Substitute {
+                sentinel,
+                forms: self.forms.clone(),
+                held: Vec::new(),
+            },
+            skip,
+            recorder,
+        }))
+    }
+
+    /// Links decorated and whether the rewriter bailed out, shared with the access log.
+    pub fn stats(&self) -> Arc<RewriteStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Which path served the page, shared with the access log.
+    pub fn report(&self) -> Arc<SpliceReport> {
+        Arc::clone(&self.report)
+    }
+
+    /// Feeds one chunk of the page; returns the output that is ready.
+    pub fn write(&mut self, chunk: &[u8]) -> Bytes {
+        match &mut self.mode {
+            Mode::Parse(rewriter) => rewriter.write(chunk),
+            Mode::Live(live) => live.write(chunk),
+            Mode::Replay(replay) => {
+                let rest = &replay.recording.input[replay.verified..];
+                let same = common_prefix(chunk, rest);
+                if same == chunk.len() {
+                    replay.verified += same;
+                    let to = replay.recording.covered(replay.verified);
+                    return self.send_recorded(to);
+                }
+                let verified = replay.verified + same;
+                let before = {
+                    let to = replay.recording.covered(verified);
+                    self.send_recorded(to)
+                };
+                let after = self.diverge(verified, &chunk[same..]);
+                join(before, after)
+            }
+            Mode::Done => Bytes::new(),
+        }
+    }
+
+    /// Ends the page; returns the last output.
+    pub fn end(&mut self) -> Bytes {
+        let out = match &mut self.mode {
+            Mode::Parse(rewriter) => rewriter.end(),
+            Mode::Live(_) => {
+                let Mode::Live(mut live) = std::mem::replace(&mut self.mode, Mode::Done) else {
+                    unreachable!()
+                };
+                let out = live.end();
+                self.store_recording(*live);
+                return out;
+            }
+            Mode::Replay(replay) => {
+                if replay.verified == replay.recording.input.len() {
+                    let recording = Arc::clone(&replay.recording);
+                    let out = self.send_recorded(recording.output.len());
+                    recording.misses.store(0, Ordering::Relaxed);
+                    self.stats.add(&recording.links);
+                    self.mode = Mode::Done;
+                    return out;
+                }
+                // The live body is shorter than the recording.
+                let verified = replay.verified;
+                let before = self.diverge(verified, &[]);
+                let after = self.end();
+                return join(before, after);
+            }
+            Mode::Done => Bytes::new(),
+        };
+        self.mode = Mode::Done;
+        out
+    }
+
+    /// Sends the recording's output up to `to`.
+    fn send_recorded(&mut self, to: usize) -> Bytes {
+        let Mode::Replay(replay) = &mut self.mode else {
+            return Bytes::new();
+        };
+        if to <= replay.sent {
+            return Bytes::new();
+        }
+        let out = replay.recording.splice(replay.sent, to, &self.forms);
+        replay.sent = to;
+        out
+    }
+
+    /// The live body differs from the recording at input byte `at`: a fresh rewriter with the
+    /// recording's sentinel is fed the recorded `[0, at)` and then `rest`, and what the replay
+    /// already sent is dropped from its output.
+    fn diverge(&mut self, at: usize, rest: &[u8]) -> Bytes {
+        let Mode::Replay(replay) = std::mem::replace(&mut self.mode, Mode::Done) else {
+            return Bytes::new();
+        };
+        let recording = replay.recording;
+        self.report.set(Path::Diverged);
+        self.report.diverged_at.store(at, Ordering::Relaxed);
+        let misses = recording.misses.load(Ordering::Relaxed) + 1;
+        let recorder = match &self.store {
+            Some((store, key)) if misses >= MAX_MISSES => {
+                store.insert(key.clone(), Entry::Unstable(Instant::now() + UNSTABLE_FOR));
+                None
+            }
+            Some((store, _)) => {
+                let mut r = Recorder::new(store.page_limit, misses);
+                // The recorded checkpoints up to the difference hold for the new page too.
+                r.checkpoints = recording
+                    .checkpoints
+                    .iter()
+                    .copied()
+                    .take_while(|&(k, _)| k <= at)
+                    .collect();
+                Some(r)
+            }
+            None => None,
+        };
+        self.mode = self.live(recording.sentinel, replay.sent, recorder);
+        let Mode::Live(live) = &mut self.mode else {
+            unreachable!()
+        };
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&live.feed(&recording.input[..at], false));
+        out.extend_from_slice(&live.feed(rest, true));
+        out.freeze()
+    }
+
+    fn store_recording(&mut self, live: Live) {
+        let Some((store, key)) = self.store.take() else {
+            return;
+        };
+        let Some(recorder) = live.recorder else {
+            return;
+        };
+        if let Some(recording) = recorder.finish(live.sentinel, &self.stats) {
+            store.insert(key, Entry::Page(Arc::new(recording)));
+        }
+    }
+}
+
+impl Live {
+    fn write(&mut self, chunk: &[u8]) -> Bytes {
+        self.feed(chunk, true)
+    }
+
+    /// Feeds input to the sentinel rewriter; `checkpoint` records where the output stood after
+    /// it (the recorded prefix before a divergence is fed without one: the old checkpoints
+    /// up to there are kept instead).
+    fn feed(&mut self, input: &[u8], checkpoint: bool) -> Bytes {
+        if self.recorder.is_none() {
+            let raw = self.rewriter.write(input);
+            return self.emit(raw, false);
+        }
+        // Recorded in pieces, with a checkpoint after each: a replay can then stream as finely
+        // as the live body arrives, whatever the chunking of the recorded response was.
+        let mut out = BytesMut::new();
+        for piece in input.chunks(CHECKPOINT_EVERY) {
+            let raw = self.rewriter.write(piece);
+            if let Some(r) = &mut self.recorder {
+                if r.fits(piece.len() + raw.len()) {
+                    r.input.extend_from_slice(piece);
+                    r.output.extend_from_slice(&raw);
+                    if checkpoint {
+                        r.checkpoints.push((r.input.len(), r.output.len()));
+                    }
+                } else {
+                    self.recorder = None;
+                }
+            }
+            out.extend_from_slice(&self.emit(raw, false));
+        }
+        out.freeze()
+    }
+
+    fn end(&mut self) -> Bytes {
+        let raw = self.rewriter.end();
+        if let Some(r) = &mut self.recorder {
+            if r.fits(raw.len()) {
+                r.output.extend_from_slice(&raw);
+            } else {
+                self.recorder = None;
+            }
+        }
+        self.emit(raw, true)
+    }
+
+    /// The sentinel output, less what was already sent, with the real ID in it.
+    fn emit(&mut self, raw: Bytes, last: bool) -> Bytes {
+        let dropped = self.skip.min(raw.len());
+        self.skip -= dropped;
+        let mut out = BytesMut::with_capacity(raw.len() - dropped + 64);
+        self.substitute.push(&raw[dropped..], &mut out);
+        if last {
+            self.substitute.finish(&mut out);
+        }
+        out.freeze()
+    }
+}
+
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    if a[..n] == b[..n] {
+        return n;
+    }
+    a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(n)
+}
+
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    if a.is_empty() {
+        return b;
+    }
+    if b.is_empty() {
+        return a;
+    }
+    let mut out = BytesMut::with_capacity(a.len() + b.len());
+    out.extend_from_slice(&a);
+    out.extend_from_slice(&b);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn substituted(chunks: &[&[u8]], sentinel: Sentinel) -> Vec<u8> {
+        let mut s = Substitute {
+            sentinel,
+            forms: Forms {
+                url: Bytes::from_static(b"ID%40u"),
+                html: Bytes::from_static(b"ID&amp;h"),
+            },
+            held: Vec::new(),
+        };
+        let mut out = BytesMut::new();
+        for c in chunks {
+            s.push(c, &mut out);
+        }
+        s.finish(&mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn sentinels_are_replaced_wherever_the_chunks_split_them() {
+        let sentinel = Sentinel::random();
+        let stem = sentinel.stem().to_owned();
+        let text = format!("<a href=\"x?kmi={stem}u\">{stem}h and {stem}x kmi{stem}u</a>k");
+        let expected = format!("<a href=\"x?kmi=ID%40u\">ID&amp;h and {stem}x kmiID%40u</a>k");
+        let bytes = text.as_bytes();
+        for split in 0..bytes.len() {
+            for split2 in split..bytes.len() {
+                let got = substituted(
+                    &[&bytes[..split], &bytes[split..split2], &bytes[split2..]],
+                    sentinel,
+                );
+                assert_eq!(
+                    String::from_utf8(got).unwrap(),
+                    expected,
+                    "{split} {split2}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_inside_a_slot_moves_back_to_its_start() {
+        let sentinel = Sentinel::random();
+        let output = format!("<a href=\"x?kmi={}u\">", sentinel.stem());
+        let slot = output.find(sentinel.stem()).unwrap();
+        let mut r = Recorder::new(1 << 20, 0);
+        r.input.extend_from_slice(b"<a href=\"x\">");
+        r.output.extend_from_slice(output.as_bytes());
+        r.checkpoints = vec![(5, slot + 3), (9, slot - 1), (12, output.len())];
+        let stats = crate::rewrite::RewriteStats::shared(0);
+        let rec = r.finish(sentinel, &stats).expect("recorded");
+        assert_eq!(rec.slots, vec![(slot, Form::Url)]);
+        // Inside the slot: back to its start; a later, smaller one is raised to what is known.
+        assert_eq!(
+            rec.checkpoints,
+            vec![(5, slot), (9, slot), (12, output.len())]
+        );
+        let forms = Forms::of(Some(&VisitorId::new("v@x").unwrap()));
+        assert_eq!(&rec.splice(0, slot, &forms)[..], &output.as_bytes()[..slot]);
+        assert_eq!(
+            &rec.splice(0, output.len(), &forms)[..],
+            b"<a href=\"x?kmi=v%40x\">"
+        );
+    }
+
+    #[test]
+    fn a_page_containing_the_sentinel_is_not_recorded() {
+        let sentinel = Sentinel::random();
+        let mut r = Recorder::new(1 << 20, 0);
+        r.input
+            .extend_from_slice(format!("<p>{}</p>", sentinel.stem()).as_bytes());
+        let stats = crate::rewrite::RewriteStats::shared(0);
+        assert!(r.finish(sentinel, &stats).is_none());
+    }
+
+    #[test]
+    fn sentinels_differ_and_look_like_nothing_escaping_changes() {
+        let a = Sentinel::random();
+        let b = Sentinel::random();
+        assert_ne!(a.stem, b.stem);
+        let id = a.id();
+        assert_eq!(id.url_encoded(), format!("{}u", a.stem()));
+        assert_eq!(crate::rewrite::ascii_attribute(id.as_str()), id.as_str());
+        assert!(a.stem().bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+}

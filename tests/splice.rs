@@ -1,0 +1,513 @@
+//! Splicing answers to the parser. Sequences of requests for one URL, where the page changes
+//! between requests at random places (a byte inside a partner href or a tag name, a new `<base>`
+//! or `<meta charset>`, truncation, extension, at and around checkpoint and chunk boundaries),
+//! with random IDs (hostile ones included, and none), Content-Types and chunkings: every response
+//! of the splicing path must be byte for byte what the uncached rewriter produces for that
+//! request. The sequence is reproducible: `KMI_SPLICE_SEED=<n>` replays the seed a failure names
+//! (`KMI_SPLICE_CASES` sets how many sequences run).
+//!
+//! Then the same through the real proxy: a second visitor gets their own ID, a reload follows
+//! the new partners, a page that changes mid-stream is still exact, and a page that changes on
+//! every request stops being recorded.
+
+mod support;
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use kmi_proxy::config::Config;
+use kmi_proxy::decorate::Decorator;
+use kmi_proxy::identity::VisitorId;
+use kmi_proxy::metrics::Metrics;
+use kmi_proxy::rewrite::{charset_of, Page, PageRewriter};
+use kmi_proxy::splice::{Key, Recordings, Splicer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::*;
+
+const CONFIG: &str = r#"
+upstream = "http://127.0.0.1:9"
+[[partner]]
+name = "checkout"
+domains = ["checkout.partner.com", "*.partner.net"]
+forms = true
+[[partner]]
+name = "later"
+domains = ["go.partner.org"]
+mode = "redirect"
+"#;
+
+/// A page written to exercise every form of the ID and the places splicing must respect.
+const SYNTHETIC: &str = r#"<!doctype html><html><head><title>Shop</title>
+<meta name="viewport" content="width=device-width">
+<script>var s = "<a href='https://checkout.partner.com/in-script'>";</script>
+<!-- <a href="https://checkout.partner.com/in-comment"> -->
+</head><body>
+<a href="https://checkout.partner.com/cart?x=1&amp;y=2#top">cart</a>
+<a href="https://shop.partner.net/p/caf%C3%A9">café</a>
+<a href="/relative">relative</a>
+<a href="https://go.partner.org/deal">redirect mode</a>
+<area href="https://checkout.partner.com/area" alt=x>
+<form action="https://checkout.partner.com/search" method="get"><input name=q></form>
+<a href="https://elsewhere.example/">not a partner</a>
+<textarea><a href="https://checkout.partner.com/in-textarea"></textarea>
+<svg><a href="https://checkout.partner.com/in-svg"><text>svg</text></a></svg>
+<p>"#;
+
+const SNIPPETS: &[&str] = &[
+    r#"<a href="https://checkout.partner.com/new">new</a>"#,
+    r#"<base href="https://checkout.partner.com/based/">"#,
+    r#"<base href="https://elsewhere.example/">"#,
+    r#"<meta charset="windows-1252">"#,
+    r#"<meta charset="utf-8">"#,
+    "<a href=\"https://checkout.partner.com/caf\u{e9}\">",
+    "<!--",
+    "-->",
+    "<script>",
+    "</script>",
+    "<",
+    "\"",
+    "&amp;",
+    "\u{feff}",
+    "<form action=\"https://shop.partner.net/\" method=post>",
+];
+
+const IDS: &[Option<&str>] = &[
+    Some("abc"),
+    Some("bob@example.com"),
+    Some("a&b<c>\"d'e"),
+    Some("ünïcødé ✓"),
+    Some("100% sure+more/and?more#frag"),
+    Some("kmi"),
+    None,
+];
+
+const CONTENT_TYPES: &[&str] = &[
+    "text/html",
+    "text/html; charset=utf-8",
+    "text/html; charset=windows-1252",
+];
+
+fn decorator() -> Arc<Decorator> {
+    let config = Config::parse(CONFIG, "splice test").expect("the test configuration");
+    Arc::clone(&config.decorator)
+}
+
+fn page(content_type: &str) -> Page {
+    Page {
+        url: url::Url::parse("https://www.site.test/shop/index.html?q=1").unwrap(),
+        charset: charset_of(content_type).expect("a charset lol_html reads"),
+        memory_limit: 4 * 1024 * 1024,
+    }
+}
+
+/// What the proxy sends without splicing: one rewrite, fed whole.
+fn uncached(decorator: &Arc<Decorator>, id: Option<&VisitorId>, ct: &str, input: &[u8]) -> Vec<u8> {
+    let mut r = PageRewriter::new(Arc::clone(decorator), id.cloned(), page(ct));
+    let mut out = r.write(input).to_vec();
+    out.extend_from_slice(&r.end());
+    out
+}
+
+/// The splicing path, fed in `chunks`.
+fn spliced(
+    decorator: &Arc<Decorator>,
+    store: &Arc<Recordings>,
+    id: Option<&VisitorId>,
+    ct: &str,
+    input: &[u8],
+    chunks: &[usize],
+) -> (Vec<u8>, &'static str) {
+    let key = Key::new(page(ct).url.as_str(), ct, id.is_some());
+    let mut s = Splicer::new(
+        Arc::clone(decorator),
+        id.cloned(),
+        page(ct),
+        Some((Arc::clone(store), key)),
+    );
+    let report = s.report();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &len in chunks {
+        out.extend_from_slice(&s.write(&input[at..at + len]));
+        at += len;
+    }
+    out.extend_from_slice(&s.write(&input[at..]));
+    out.extend_from_slice(&s.end());
+    (out, report.path().as_str())
+}
+
+/// Random chunk lengths covering `len` bytes, sometimes tiny, sometimes whole.
+fn chunking(rng: &mut StdRng, len: usize) -> Vec<usize> {
+    let mut chunks = Vec::new();
+    let mut left = len;
+    let style = rng.random_range(0..4);
+    while left > 0 {
+        let n = match style {
+            0 => left,
+            1 => rng.random_range(1..=left.min(7)),
+            2 => rng.random_range(1..=left.min(4096)),
+            _ => rng.random_range(1..=left.min(20_000)),
+        };
+        chunks.push(n);
+        left -= n;
+    }
+    chunks
+}
+
+/// An offset, often near a checkpoint (every 8 KiB) or a small chunk's edge.
+fn offset(rng: &mut StdRng, len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    let at = match rng.random_range(0..3) {
+        0 => (rng.random_range(0..=len / 8192) * 8192 + rng.random_range(0..5)).saturating_sub(2),
+        1 => rng.random_range(0..len),
+        _ => len - rng.random_range(0..len.min(64)),
+    };
+    at.min(len)
+}
+
+/// The next version of a page: the same bytes (most often), or one change somewhere.
+fn mutate(rng: &mut StdRng, page: &[u8]) -> Vec<u8> {
+    let mut next = page.to_vec();
+    match rng.random_range(0..8) {
+        0..=2 => {}
+        3 => {
+            if !next.is_empty() {
+                let at = offset(rng, next.len() - 1);
+                let bytes = b"aZ<>\"=/&x\x00\xe9";
+                next[at] = bytes[rng.random_range(0..bytes.len())];
+            }
+        }
+        4 => {
+            let at = offset(rng, next.len());
+            let snippet = SNIPPETS[rng.random_range(0..SNIPPETS.len())];
+            next.splice(at..at, snippet.bytes());
+        }
+        5 => {
+            let at = offset(rng, next.len());
+            next.truncate(at);
+        }
+        6 => {
+            let snippet = SNIPPETS[rng.random_range(0..SNIPPETS.len())];
+            next.extend_from_slice(snippet.as_bytes());
+        }
+        _ => {
+            // Change a byte inside a partner href.
+            let hay = String::from_utf8_lossy(&next).into_owned();
+            if let Some(i) = hay.find("partner.com/") {
+                let at = i + 12 + rng.random_range(0..4);
+                if at < next.len() {
+                    next[at] = b'Q';
+                }
+            }
+        }
+    }
+    next
+}
+
+fn base_pages() -> Vec<Vec<u8>> {
+    let mut pages = vec![
+        SYNTHETIC.repeat(40).into_bytes(),
+        SYNTHETIC.as_bytes().to_vec(),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rewrite");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixtures/rewrite")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".src.html"))
+        .collect();
+    names.sort();
+    for p in names {
+        pages.push(std::fs::read(p).unwrap());
+    }
+    pages
+}
+
+/// Corpus pages, cut to keep the suite quick, with their most linked host made a partner.
+fn corpus_pages() -> Vec<(Vec<u8>, String)> {
+    let dir = common::corpus_dir();
+    let mut out = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("the corpus at {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    names.sort();
+    for p in names {
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.truncate(160_000);
+        let host = common::most_linked_host(&bytes).expect("a linked host");
+        out.push((bytes, host));
+    }
+    out
+}
+
+fn run_sequence(
+    seed: u64,
+    decorator: &Arc<Decorator>,
+    first: Vec<u8>,
+    steps: usize,
+) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    // A small store, so that eviction is exercised too.
+    let store = Recordings::new(4 * 1024 * 1024, Arc::new(Metrics::new())).unwrap();
+    let mut current = first;
+    let mut ct = CONTENT_TYPES[rng.random_range(0..CONTENT_TYPES.len())];
+    for step in 0..steps {
+        if step > 0 {
+            current = mutate(&mut rng, &current);
+            if rng.random_range(0..6) == 0 {
+                ct = CONTENT_TYPES[rng.random_range(0..CONTENT_TYPES.len())];
+            }
+        }
+        let id = IDS[rng.random_range(0..IDS.len())].map(|i| VisitorId::new(i).unwrap());
+        let chunks = chunking(&mut rng, current.len());
+        let want = uncached(decorator, id.as_ref(), ct, &current);
+        let (got, path) = spliced(decorator, &store, id.as_ref(), ct, &current, &chunks);
+        if got != want {
+            let at = got
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(want.len()));
+            let window = |b: &[u8]| {
+                String::from_utf8_lossy(&b[at.saturating_sub(60)..(at + 60).min(b.len())])
+                    .into_owned()
+            };
+            return Err(format!(
+                "seed {seed}, step {step} ({path}, {ct}, {} bytes in {} chunks): differs at byte {at}\n  spliced  …{:?}…\n  uncached …{:?}…",
+                current.len(),
+                chunks.len(),
+                window(&got),
+                window(&want)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> u64 {
+    std::env::var("KMI_SPLICE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120)
+}
+
+#[test]
+fn every_spliced_response_equals_the_uncached_rewrite() {
+    let decorator = decorator();
+    let pages = base_pages();
+    let seeds: Vec<u64> = match std::env::var("KMI_SPLICE_SEED") {
+        Ok(s) => vec![s.parse().expect("KMI_SPLICE_SEED is a number")],
+        Err(_) => {
+            let start: u64 = rand::rng().random();
+            (0..cases()).map(|i| start.wrapping_add(i)).collect()
+        }
+    };
+    for seed in seeds {
+        let page = pages[(seed % pages.len() as u64) as usize].clone();
+        if let Err(e) = run_sequence(seed, &decorator, page, 12) {
+            panic!("{e}\nreplay with KMI_SPLICE_SEED={seed}");
+        }
+    }
+}
+
+#[test]
+fn corpus_pages_splice_exactly() {
+    for (i, (bytes, host)) in corpus_pages().into_iter().enumerate() {
+        let text = format!(
+            "upstream = \"http://127.0.0.1:9\"\n[[partner]]\nname = \"p\"\ndomains = [\"{host}\"]\nforms = true\n"
+        );
+        let config = Config::parse(&text, "corpus").unwrap();
+        let seed = 1000 + i as u64;
+        if let Err(e) = run_sequence(seed, &config.decorator, bytes, 8) {
+            panic!("{e}\nreplay with KMI_SPLICE_SEED={seed} (corpus page {i})");
+        }
+    }
+}
+
+#[test]
+fn a_replay_sends_the_recorded_prefix_before_the_page_ends() {
+    // Streaming holds: once a checkpoint is covered, its output leaves without waiting for the
+    // rest of the page.
+    let decorator = decorator();
+    let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
+    let page_bytes = SYNTHETIC.repeat(60).into_bytes();
+    let id = VisitorId::new("abc").unwrap();
+    let ct = "text/html; charset=utf-8";
+    let (first, path) = spliced(&decorator, &store, Some(&id), ct, &page_bytes, &[]);
+    assert_eq!(path, "recorded");
+    let key = Key::new(page(ct).url.as_str(), ct, true);
+    let mut s = Splicer::new(
+        Arc::clone(&decorator),
+        Some(id),
+        page(ct),
+        Some((Arc::clone(&store), key)),
+    );
+    let early = s.write(&page_bytes[..20_000]);
+    assert!(
+        early.len() > 10_000,
+        "only {} bytes after 20 kB verified",
+        early.len()
+    );
+    let mut out = early.to_vec();
+    out.extend_from_slice(&s.write(&page_bytes[20_000..]));
+    out.extend_from_slice(&s.end());
+    assert_eq!(s.report().path().as_str(), "spliced");
+    assert_eq!(out, first);
+}
+
+#[test]
+fn a_page_that_keeps_changing_stops_being_recorded() {
+    let decorator = decorator();
+    let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
+    let id = VisitorId::new("abc").unwrap();
+    let ct = "text/html";
+    let mut paths = Vec::new();
+    for i in 0..8 {
+        let page_bytes = format!("<head><meta name=csrf content=\"{i:04}\"></head>{SYNTHETIC}");
+        let (got, path) = spliced(
+            &decorator,
+            &store,
+            Some(&id),
+            ct,
+            page_bytes.as_bytes(),
+            &[],
+        );
+        assert_eq!(
+            got,
+            uncached(&decorator, Some(&id), ct, page_bytes.as_bytes())
+        );
+        paths.push(path);
+    }
+    assert_eq!(
+        paths,
+        ["recorded", "diverged", "diverged", "diverged", "parsed", "parsed", "parsed", "parsed"]
+    );
+}
+
+// The real proxy -------------------------------------------------------------------------------
+
+const SHOP: &str = r#"<p><a href="https://checkout.partner.com/cart">cart</a>
+<a href="https://shop.partner.net/x?y=1">x</a><a href="https://other.example/">o</a></p>"#;
+
+fn decorated_shop(id: &str) -> String {
+    SHOP.replace("/cart\"", &format!("/cart?kmi={id}\""))
+        .replace("?y=1\"", &format!("?y=1&amp;kmi={id}\""))
+}
+
+async fn page_for(addr: std::net::SocketAddr, path: &str, id: &str) -> String {
+    let rsp = get(addr, path)
+        .header("accept", "text/html")
+        .cookie(&format!("km_ai={id}"))
+        .send()
+        .await;
+    assert_eq!(rsp.status(), 200);
+    text_of(rsp).await
+}
+
+#[tokio::test]
+async fn each_visitor_gets_their_own_id_and_the_metrics_say_how() {
+    let origin = origin().route("/", |_| Reply::html(SHOP)).start().await;
+    let proxy = proxy(ADMIN, origin.addr).await;
+    for id in ["first", "second", "third%40x", "first"] {
+        let page = page_for(proxy.addr, "/", id).await;
+        assert_eq!(page, decorated_shop(id), "{id}");
+    }
+    let m = metrics_of(&proxy).await;
+    assert_eq!(
+        metric(&m, r#"kmi_proxy_pages_total{reason="recorded"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"kmi_proxy_pages_total{reason="spliced"}"#),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "kmi_proxy_recordings"), Some(1.0), "{m}");
+    assert!(metric(&m, "kmi_proxy_recording_bytes").unwrap() > SHOP.len() as f64);
+    assert_eq!(
+        metric(&m, r#"kmi_proxy_links_decorated_total{partner="checkout"}"#),
+        Some(8.0),
+        "spliced pages count their links too: {m}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_drops_the_recordings_and_follows_the_new_partners() {
+    let origin = origin().route("/", |_| Reply::html(SHOP)).start().await;
+    let proxy = proxy("", origin.addr).await;
+    assert_eq!(
+        page_for(proxy.addr, "/", "abc").await,
+        decorated_shop("abc")
+    );
+    assert_eq!(
+        page_for(proxy.addr, "/", "abc").await,
+        decorated_shop("abc")
+    );
+    // Only other.example is a partner now.
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"http://{}\"\n[[partner]]\nname = \"o\"\ndomains = [\"other.example\"]\n",
+        origin.addr
+    );
+    proxy
+        .handle
+        .reload(Config::parse(&text, "reloaded").unwrap());
+    let page = page_for(proxy.addr, "/", "abc").await;
+    assert_eq!(
+        page,
+        SHOP.replace("other.example/\"", "other.example/?kmi=abc\"")
+    );
+}
+
+#[tokio::test]
+async fn a_page_that_changes_mid_stream_diverges_and_is_still_exact() {
+    let big = SYNTHETIC.repeat(30);
+    let changed = format!(
+        "{}<a href=\"https://checkout.partner.com/late\">late</a>{}",
+        &big[..20_000],
+        &big[20_000..]
+    );
+    let versions = Arc::new(std::sync::Mutex::new(vec![changed.clone(), big.clone()]));
+    let served = Arc::clone(&versions);
+    let origin = origin()
+        .route("/", move |_| {
+            let next = served.lock().unwrap().pop().unwrap_or_default();
+            Reply::html(next)
+        })
+        .start()
+        .await;
+    let proxy = proxy(ADMIN, origin.addr).await;
+    let decorator = Arc::clone(&config("", origin.addr).decorator);
+    let id = VisitorId::new("abc").unwrap();
+    let want_first = uncached(
+        &decorator,
+        Some(&id),
+        "text/html; charset=utf-8",
+        big.as_bytes(),
+    );
+    let want_second = uncached(
+        &decorator,
+        Some(&id),
+        "text/html; charset=utf-8",
+        changed.as_bytes(),
+    );
+    assert_eq!(
+        page_for(proxy.addr, "/", "abc").await.into_bytes(),
+        want_first
+    );
+    assert_eq!(
+        page_for(proxy.addr, "/", "abc").await.into_bytes(),
+        want_second
+    );
+    let m = metrics_of(&proxy).await;
+    assert_eq!(
+        metric(&m, r#"kmi_proxy_pages_total{reason="diverged"}"#),
+        Some(1.0),
+        "{m}"
+    );
+}
