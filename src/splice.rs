@@ -388,6 +388,13 @@ enum Entry {
     Page(Arc<Recording>),
     /// Diverged too often: parse without recording until then.
     Unstable(Instant),
+    /// One request is recording this page (`token` names it): the others parse without
+    /// recording meanwhile, so a burst of first visitors holds one copy of the page, not one
+    /// each. Expires, in case the recording request never finishes.
+    Recording {
+        until: Instant,
+        token: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -397,7 +404,7 @@ impl quick_cache::Weighter<Key, Entry> for Weight {
     fn weight(&self, key: &Key, entry: &Entry) -> u64 {
         let entry = match entry {
             Entry::Page(r) => r.weight(),
-            Entry::Unstable(_) => 64,
+            Entry::Unstable(_) | Entry::Recording { .. } => 64,
         };
         (key.url.len() + key.content_type.len() + entry) as u64
     }
@@ -414,9 +421,13 @@ pub struct Recordings {
 /// What a request should do for its page.
 enum Lookup {
     Replay(Arc<Recording>),
-    Record,
+    /// Record it; the claim's token.
+    Record(u64),
     Parse,
 }
+
+/// How long a claim to record a page holds when its request never finishes.
+const RECORDING_FOR: Duration = Duration::from_secs(10);
 
 impl Recordings {
     /// A store of at most `bytes`; `None` when splicing is off (`cache_bytes = 0`).
@@ -438,11 +449,41 @@ impl Recordings {
     }
 
     fn lookup(&self, key: &Key) -> Lookup {
+        let now = Instant::now();
         match self.cache.get(key) {
             Some(Entry::Page(r)) => Lookup::Replay(r),
-            Some(Entry::Unstable(until)) if Instant::now() < until => Lookup::Parse,
-            _ => Lookup::Record,
+            Some(Entry::Unstable(until)) | Some(Entry::Recording { until, .. }) if now < until => {
+                Lookup::Parse
+            }
+            _ => Lookup::Record(self.claim(key)),
         }
+    }
+
+    /// Marks `key` as being recorded by the caller; returns the claim's token.
+    fn claim(&self, key: &Key) -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let token = NEXT.fetch_add(1, Ordering::Relaxed);
+        let until = Instant::now() + RECORDING_FOR;
+        self.cache
+            .insert(key.clone(), Entry::Recording { until, token });
+        token
+    }
+
+    /// Claims `key` for re-recording after a replay of `old` diverged, unless another request
+    /// already replaced `old`.
+    fn claim_after(&self, key: &Key, old: &Arc<Recording>) -> Option<u64> {
+        match self.cache.get(key) {
+            Some(Entry::Page(current)) if Arc::ptr_eq(&current, old) => Some(self.claim(key)),
+            _ => None,
+        }
+    }
+
+    /// Gives up the claim `token` on `key` if it still stands.
+    fn release(&self, key: &Key, token: u64) {
+        self.cache.remove_if(
+            key,
+            |e| matches!(e, Entry::Recording { token: t, .. } if *t == token),
+        );
     }
 
     fn insert(&self, key: Key, entry: Entry) {
@@ -468,6 +509,8 @@ pub struct Splicer {
     id: Option<VisitorId>,
     /// Where a finished recording goes.
     store: Option<(Arc<Recordings>, Key)>,
+    /// This request's claim to record the page, released if it never finishes.
+    claim: Option<u64>,
     stats: Arc<RewriteStats>,
     report: Arc<SpliceReport>,
 }
@@ -517,6 +560,7 @@ impl Splicer {
             page,
             id,
             store,
+            claim: None,
             stats,
             report: Arc::new(SpliceReport::default()),
         };
@@ -529,7 +573,8 @@ impl Splicer {
                 splicer.report.set(Path::Parsed);
                 Mode::Parse(Box::new(splicer.rewriter(splicer.id.clone())))
             }
-            Lookup::Record => {
+            Lookup::Record(token) => {
+                splicer.claim = Some(token);
                 splicer.report.set(Path::Recorded);
                 let limit = splicer.store.as_ref().map_or(0, |(s, _)| s.page_limit);
                 splicer.live(Sentinel::random(), 0, Some(Recorder::new(limit, 0)))
@@ -663,24 +708,29 @@ impl Splicer {
         self.report.set(Path::Diverged);
         self.report.diverged_at.store(at, Ordering::Relaxed);
         let misses = recording.misses.load(Ordering::Relaxed) + 1;
-        let recorder = match &self.store {
+        let claimed = match &self.store {
             Some((store, key)) if misses >= MAX_MISSES => {
                 store.insert(key.clone(), Entry::Unstable(Instant::now() + UNSTABLE_FOR));
                 None
             }
-            Some((store, _)) => {
-                let mut r = Recorder::new(store.page_limit, misses);
-                // The recorded checkpoints up to the difference hold for the new page too.
-                r.checkpoints = recording
-                    .checkpoints
-                    .iter()
-                    .copied()
-                    .take_while(|&(k, _)| k <= at)
-                    .collect();
-                Some(r)
-            }
+            // Of the requests replaying the old recording, the first to diverge re-records.
+            Some((store, key)) => store
+                .claim_after(key, &recording)
+                .map(|token| (token, store.page_limit)),
             None => None,
         };
+        let recorder = claimed.map(|(token, limit)| {
+            self.claim = Some(token);
+            let mut r = Recorder::new(limit, misses);
+            // The recorded checkpoints up to the difference hold for the new page too.
+            r.checkpoints = recording
+                .checkpoints
+                .iter()
+                .copied()
+                .take_while(|&(k, _)| k <= at)
+                .collect();
+            r
+        });
         self.mode = self.live(recording.sentinel, replay.sent, recorder);
         let Mode::Live(live) = &mut self.mode else {
             unreachable!()
@@ -692,14 +742,28 @@ impl Splicer {
     }
 
     fn store_recording(&mut self, live: Live) {
-        let Some((store, key)) = self.store.take() else {
+        let Some((store, key)) = &self.store else {
             return;
         };
-        let Some(recorder) = live.recorder else {
+        let Some(token) = self.claim.take() else {
             return;
         };
-        if let Some(recording) = recorder.finish(live.sentinel, &self.stats) {
-            store.insert(key, Entry::Page(Arc::new(recording)));
+        match live
+            .recorder
+            .and_then(|r| r.finish(live.sentinel, &self.stats))
+        {
+            Some(recording) => store.insert(key.clone(), Entry::Page(Arc::new(recording))),
+            None => store.release(key, token),
+        }
+    }
+}
+
+impl Drop for Splicer {
+    fn drop(&mut self) {
+        // A page that never ended (the client left, the origin broke off) is not recorded, and
+        // the next request may try.
+        if let (Some((store, key)), Some(token)) = (&self.store, self.claim.take()) {
+            store.release(key, token);
         }
     }
 }

@@ -511,3 +511,37 @@ async fn a_page_that_changes_mid_stream_diverges_and_is_still_exact() {
         "{m}"
     );
 }
+
+#[test]
+fn one_request_records_a_page_at_a_time_and_an_unfinished_one_lets_go() {
+    let decorator = decorator();
+    let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
+    let id = VisitorId::new("abc").unwrap();
+    let ct = "text/html";
+    let key = || {
+        Some((
+            Arc::clone(&store),
+            Key::new(page(ct).url.as_str(), ct, true),
+        ))
+    };
+    let start = || Splicer::new(Arc::clone(&decorator), Some(id.clone()), page(ct), key());
+    let path = |s: &Splicer| s.report().path().as_str();
+
+    // A recording that never ends (the client left) gives its claim back.
+    let abandoned = start();
+    assert_eq!(path(&abandoned), "recorded");
+    drop(abandoned);
+
+    let mut first = start();
+    let second = start();
+    assert_eq!(path(&first), "recorded");
+    assert_eq!(
+        path(&second),
+        "parsed",
+        "a second first visitor does not record too"
+    );
+    let _ = first.write(SYNTHETIC.as_bytes());
+    let _ = first.end();
+    assert_eq!(path(&start()), "spliced");
+    assert_eq!(store.held().0, 1);
+}
