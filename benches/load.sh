@@ -8,7 +8,14 @@
 #                `href="https://host/` prefixes with one carrying `?kmi=$cookie_km_ai` (the peer a
 #                user would pick instead: plain string replacement, wrong for every link with a
 #                path, but what nginx offers);
-#   kmi-proxy    the release binary, upstream = the origin, partners = those three hosts.
+#   kmi-proxy    the release binary, upstream = the origin, partners = those three hosts
+#                (the page is recorded once and spliced for every later visitor);
+#   kmi-no-id    the same kmi-proxy, requests without the cookie (pass-through: the ceiling
+#                splicing is measured against);
+#   kmi-changing the same kmi-proxy on a page whose head carries a per-request token (nginx SSI
+#                echoing $request_id), so no two responses are the same bytes;
+#   kmi-changing-nosplice  a second kmi-proxy with `cache_bytes = 0` on that page: what the
+#                changing page costs with splicing off.
 #
 #   benches/load.sh                           # ~4 min after the build (ROUNDS=3, LOAD_SECONDS=10)
 #   ROUNDS=5 LOAD_SECONDS=10 benches/load.sh  # the README's figures
@@ -59,7 +66,7 @@ COOKIE="km_ai=$ID"
 DECORATED="kmi=$ID"
 RSS_GROWTH_MAX_PCT=10
 PARTNERS=(dash.cloudflare.com support.cloudflare.com community.cloudflare.com)
-CONTENDERS=(proxy_pass sub_filter kmi-proxy)
+CONTENDERS=(proxy_pass sub_filter kmi-proxy kmi-no-id kmi-changing kmi-changing-nosplice)
 
 say() { printf '%s\n' "$*"; }
 die() {
@@ -115,6 +122,7 @@ raise_open_files $((CONNS_MAX * 4 + 256)) CONNS_LIST
 # Cleanup: only what this script started, by saved PID / own pid file.
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kmi-load.XXXXXX")
 PROXY_PID=
+NOSPLICE_PID=
 NGINX_PID=
 NGINX_STARTED=
 nginx_ctl() { "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/" -e "$WORK/nginx-error.log" "$@"; }
@@ -122,10 +130,10 @@ cleanup() {
     local status=$?
     trap - EXIT
     set +e
-    if [ -n "$PROXY_PID" ]; then
-        kill "$PROXY_PID" 2>/dev/null || true
-        wait "$PROXY_PID" 2>/dev/null || true
-    fi
+    for pid in $PROXY_PID $NOSPLICE_PID; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     if [ -n "$NGINX_STARTED" ]; then
         [ -z "$NGINX_PID" ] && [ -s "$WORK/nginx.pid" ] && NGINX_PID=$(cat "$WORK/nginx.pid")
         nginx_ctl -s stop 2>/dev/null || true
@@ -169,7 +177,7 @@ for _ in range(int(sys.argv[1])):
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
-read -r ORIGIN_PORT NGINX_PROXY_PORT NGINX_SUB_PORT PROXY_PORT ADMIN_PORT < <(free_ports 5)
+read -r ORIGIN_PORT NGINX_PROXY_PORT NGINX_SUB_PORT PROXY_PORT ADMIN_PORT NOSPLICE_PORT NOSPLICE_ADMIN_PORT < <(free_ports 7)
 
 wait_http() { # URL, what, PID to watch (optional)
     for _ in $(seq 100); do
@@ -187,6 +195,10 @@ wait_http() { # URL, what, PID to watch (optional)
 # 2. nginx: the origin and the two nginx contenders, one master with its own files.
 mkdir -p "$WORK/www" "$WORK/tmp"
 cp "$PAGE" "$WORK/www/index.html"
+# The changing page: the same page with a per-request token in its head, as a CSRF token or a
+# CSP nonce would be.
+sed '0,/<head>/s//<head><meta name="csrf-token" content="<!--# echo var="request_id" -->">/' "$PAGE" >"$WORK/www/changing.html"
+grep -q 'echo var="request_id"' "$WORK/www/changing.html" || die "no <head> in $PAGE to put a token in"
 head -c "$((BINARY_MIB * 1024 * 1024))" /dev/urandom >"$WORK/www/big.bin"
 # sub_filter: every `href="https://<partner>/` gains the cookie's value, as an operator would
 # write it. (nginx reads $cookie_km_ai as the raw, still URL-encoded cookie value.)
@@ -234,6 +246,11 @@ http {
             try_files /index.html =404;
         }
         location = /big.bin {
+        }
+        location = /changing {
+            ssi on;
+            charset utf-8;
+            try_files /changing.html =404;
         }
     }
 
@@ -309,14 +326,29 @@ TOML
 "$BIN" --config "$WORK/kmi-proxy.toml" >/dev/null 2>"$WORK/proxy.log" &
 PROXY_PID=$!
 wait_http "http://127.0.0.1:$ADMIN_PORT/readyz" "kmi-proxy" "$PROXY_PID"
+# The same proxy with splicing off, for the changing page.
+sed -e "s/127.0.0.1:$PROXY_PORT/127.0.0.1:$NOSPLICE_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$NOSPLICE_ADMIN_PORT/" \
+    -e 's/^\[log\]$/[rewrite]\ncache_bytes = 0\n\n[log]/' "$WORK/kmi-proxy.toml" >"$WORK/kmi-nosplice.toml"
+grep -q '^cache_bytes = 0$' "$WORK/kmi-nosplice.toml" || die "could not write $WORK/kmi-nosplice.toml"
+"$BIN" --config "$WORK/kmi-nosplice.toml" >/dev/null 2>"$WORK/nosplice.log" &
+NOSPLICE_PID=$!
+wait_http "http://127.0.0.1:$NOSPLICE_ADMIN_PORT/readyz" "kmi-proxy (splicing off)" "$NOSPLICE_PID"
 
 url_of() { # contender
     case $1 in
         proxy_pass) echo "http://127.0.0.1:$NGINX_PROXY_PORT/" ;;
         sub_filter) echo "http://127.0.0.1:$NGINX_SUB_PORT/" ;;
-        kmi-proxy) echo "http://127.0.0.1:$PROXY_PORT/" ;;
+        kmi-proxy | kmi-no-id) echo "http://127.0.0.1:$PROXY_PORT/" ;;
+        kmi-changing) echo "http://127.0.0.1:$PROXY_PORT/changing" ;;
+        kmi-changing-nosplice) echo "http://127.0.0.1:$NOSPLICE_PORT/changing" ;;
     esac
 }
+# The visitor's cookie, for every contender but the one measured without it.
+cookie_args_of() { # contender
+    [ "$1" = kmi-no-id ] || printf '%s\n' -H "Cookie: $COOKIE"
+}
+# Contenders whose responses the main kmi-proxy rewrites (and counts as rewritten).
+rewrites_on_main() { [ "$1" = kmi-proxy ] || [ "$1" = kmi-changing ]; }
 
 # ---------------------------------------------------------------------------------------------
 # Helpers over /proc and wrk's output.
@@ -330,6 +362,10 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 rewritten_total() {
     curl -fsS --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" |
         awk '$1 == "kmi_proxy_responses_total{reason=\"rewritten\"}" { v = $2 } END { printf "%d\n", v + 0 }'
+}
+pages_total() { # path: parsed, recorded, spliced, diverged
+    curl -fsS --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" |
+        awk -v s="kmi_proxy_pages_total{reason=\"$1\"}" '$1 == s { v = $2 } END { printf "%d\n", v + 0 }'
 }
 # The number after "Non-2xx or 3xx responses:"; wrk prints that line only when there were some.
 wrk_non2xx() { awk -F': *' '/Non-2xx or 3xx responses/ { n += $2 } END { print n + 0 }' "$1"; }
@@ -379,15 +415,24 @@ check() { # description, 0 = pass
 
 origin_bytes=$(wc -c <"$WORK/www/index.html")
 for c in "${CONTENDERS[@]}"; do
-    bytes=$(curl -fsS --max-time 10 -o "$WORK/page-$c.html" -w '%{size_download}' -H "Cookie: $COOKIE" "$(url_of "$c")")
+    mapfile -t cookie < <(cookie_args_of "$c")
+    bytes=$(curl -fsS --max-time 10 -o "$WORK/page-$c.html" -w '%{size_download}' "${cookie[@]}" "$(url_of "$c")")
     n=$({ grep -o -F "$DECORATED" "$WORK/page-$c.html" || true; } | wc -l)
-    say "sanity: GET / through $c -> $bytes bytes (origin page $origin_bytes bytes), $n links carry $DECORATED"
+    say "sanity: GET $(url_of "$c") as $c -> $bytes bytes (origin page $origin_bytes bytes), $n links carry $DECORATED"
     case $c in
         proxy_pass) cmp -s "$WORK/page-$c.html" "$WORK/www/index.html" || die "nginx proxy_pass changed the page" ;;
         sub_filter) [ "$n" -gt 0 ] || die "nginx sub_filter substituted nothing; see $WORK/nginx.conf" ;;
-        kmi-proxy) check "curl through kmi-proxy: the page is decorated ($n x $DECORATED)" "$([ "$n" -gt 0 ] && echo 0 || echo 1)" ;;
+        kmi-no-id) check "curl through kmi-proxy without the cookie: the page is the origin's" "$(cmp -s "$WORK/page-$c.html" "$WORK/www/index.html" && echo 0 || echo 1)" ;;
+        *) check "curl as $c: the page is decorated ($n x $DECORATED)" "$([ "$n" -gt 0 ] && echo 0 || echo 1)" ;;
     esac
 done
+# Spliced pages are the parsed page: the second request through kmi-proxy (spliced from the
+# first's recording) must be byte for byte the page kmi-proxy with splicing off sends.
+curl -fsS --max-time 10 -o "$WORK/page-spliced.html" -H "Cookie: $COOKIE" "$(url_of kmi-proxy)"
+curl -fsS --max-time 10 -o "$WORK/page-parsed.html" -H "Cookie: $COOKIE" "http://127.0.0.1:$NOSPLICE_PORT/"
+check "kmi-proxy: the spliced page equals the parsed one byte for byte" "$(cmp -s "$WORK/page-spliced.html" "$WORK/page-parsed.html" && echo 0 || echo 1)"
+n=$(pages_total spliced)
+check "kmi-proxy: /metrics counted the second request as spliced (pages_total{reason=\"spliced\"} = $n)" "$([ "$n" -ge 1 ] && echo 0 || echo 1)"
 
 # Warm-up: rounds of WARMUP_SECONDS at the largest connection count until the peak RSS (VmHWM)
 # grew by less than WARMUP_SETTLE_PCT over a round, at most WARMUP_ROUNDS_MAX rounds. The
@@ -427,27 +472,31 @@ kmi_requests=0
 kmi_runs=0
 kmi_slack=0
 rewritten_before=$(rewritten_total)
+n_contenders=${#CONTENDERS[@]}
 for r in $(seq "$ROUNDS"); do
     for conns in $CONNS_LIST; do
         order=()
-        for i in 0 1 2; do
-            order+=("${CONTENDERS[$(((i + r) % 3))]}")
+        for i in $(seq 0 $((n_contenders - 1))); do
+            order+=("${CONTENDERS[$(((i + r) % n_contenders))]}")
         done
         for c in "${order[@]}"; do
             out="$WORK/wrk-$c-c$conns-r$r.out"
-            wrk -t"$THREADS" -c"$conns" -d"${LOAD_SECONDS}s" --latency -H "Cookie: $COOKIE" "$(url_of "$c")" >"$out" ||
+            mapfile -t cookie < <(cookie_args_of "$c")
+            wrk -t"$THREADS" -c"$conns" -d"${LOAD_SECONDS}s" --latency "${cookie[@]}" "$(url_of "$c")" >"$out" ||
                 die "wrk failed against $c: $(cat "$out")"
-            printf 'round %d, %4d connections, %-10s %9.0f req/s  p50 %9s ms  p99 %9s ms\n' "$r" "$conns" "$c" \
+            printf 'round %d, %4d connections, %-21s %9.0f req/s  p50 %9s ms  p99 %9s ms\n' "$r" "$conns" "$c" \
                 "$(wrk_rps "$out")" "$(to_ms "$(wrk_pct "$out" 50)")" "$(to_ms "$(wrk_pct "$out" 99)")"
-            if [ "$c" = kmi-proxy ]; then
+            if [[ $c == kmi-* ]]; then
                 n=$(wrk_non2xx "$out")
-                check "kmi-proxy, round $r, $conns connections: non-2xx responses = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
+                check "$c, round $r, $conns connections: non-2xx responses = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
                 n=$(wrk_sockerr "$out")
-                check "kmi-proxy, round $r, $conns connections: socket errors = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
+                check "$c, round $r, $conns connections: socket errors = $n (want 0)" "$([ "$n" = 0 ] && echo 0 || echo 1)"
+            fi
+            if rewrites_on_main "$c"; then
                 kmi_requests=$((kmi_requests + $(wrk_requests "$out")))
                 kmi_runs=$((kmi_runs + 1))
                 kmi_slack=$((kmi_slack + conns))
-            else
+            elif [[ $c != kmi-* ]]; then
                 bad=$(($(wrk_non2xx "$out") + $(wrk_sockerr "$out")))
                 if [ "$bad" -gt 0 ]; then
                     say "warning: $c had $bad non-2xx responses or socket errors in round $r; its figures are suspect" >&2
@@ -493,7 +542,7 @@ check "admin /metrics: responses_total{reason=\"rewritten\"} grew by $delta for 
 
 say ""
 say "== summary: medians over $ROUNDS rounds of ${LOAD_SECONDS} s, page $origin_bytes bytes, cookie $COOKIE =="
-printf '%-6s %-12s %12s %10s %10s %10s\n' "conns" "contender" "requests/s" "p50 ms" "p90 ms" "p99 ms"
+printf '%-6s %-22s %12s %10s %10s %10s\n' "conns" "contender" "requests/s" "p50 ms" "p90 ms" "p99 ms"
 declare -A RPS P50
 for conns in $CONNS_LIST; do
     for c in "${CONTENDERS[@]}"; do
@@ -502,7 +551,7 @@ for conns in $CONNS_LIST; do
         P50[$c,$conns]=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 50)"; done | median)
         p90=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 90)"; done | median)
         p99=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 99)"; done | median)
-        printf '%-6s %-12s %12.0f %10s %10s %10s\n' "$conns" "$c" "${RPS[$c,$conns]}" "${P50[$c,$conns]}" "$p90" "$p99"
+        printf '%-6s %-22s %12.0f %10s %10s %10s\n' "$conns" "$c" "${RPS[$c,$conns]}" "${P50[$c,$conns]}" "$p90" "$p99"
     done
 done
 bin_ngx=$(median <"$WORK/binary-proxy_pass.txt")
@@ -510,12 +559,16 @@ bin_kmi=$(median <"$WORK/binary-kmi-proxy.txt")
 say "${BINARY_MIB} MiB binary: proxy_pass $bin_ngx MiB/s, kmi-proxy $bin_kmi MiB/s"
 
 say ""
-say "== the performance issue's targets (ratios of the medians) =="
+say "== the splice issue's targets (ratios of the medians) =="
 for conns in $CONNS_LIST; do
     r_sub=$(ratio "${RPS[kmi-proxy,$conns]}" "${RPS[sub_filter,$conns]}")
     r_pass=$(ratio "${RPS[kmi-proxy,$conns]}" "${RPS[proxy_pass,$conns]}")
-    say "$conns connections: requests/s kmi-proxy / sub_filter = $r_sub (target >= 1.0: $(verdict "$r_sub" ge 1.0))"
-    say "$conns connections: requests/s kmi-proxy / proxy_pass = $r_pass (target >= 0.8: $(verdict "$r_pass" ge 0.8))"
+    r_noid=$(ratio "${RPS[kmi-proxy,$conns]}" "${RPS[kmi-no-id,$conns]}")
+    r_chg=$(ratio "${RPS[kmi-changing,$conns]}" "${RPS[kmi-changing-nosplice,$conns]}")
+    say "$conns connections: requests/s kmi-proxy / sub_filter = $r_sub (target >= 1.5: $(verdict "$r_sub" ge 1.5))"
+    say "$conns connections: requests/s kmi-proxy / proxy_pass = $r_pass (target >= 1.0: $(verdict "$r_pass" ge 1.0))"
+    say "$conns connections: requests/s kmi-proxy with an ID / without = $r_noid (target >= 0.85: $(verdict "$r_noid" ge 0.85))"
+    say "$conns connections: changing page, splicing on / off = $r_chg (target >= 0.95: $(verdict "$r_chg" ge 0.95))"
     added=$(awk -v a="${P50[kmi-proxy,$conns]}" -v b="${P50[proxy_pass,$conns]}" 'BEGIN { if (a == "?" || b == "?") print "?"; else printf "%.3f\n", a - b }')
     if [ "$conns" = 32 ]; then
         say "32 connections: p50 kmi-proxy - proxy_pass = $added ms (target <= 0.3 ms: $(verdict "$added" le 0.3))"

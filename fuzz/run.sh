@@ -20,7 +20,7 @@ fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$fuzz_dir")"
 cd "$root"
 
-all_targets=(decorate rewrite cookies)
+all_targets=(decorate rewrite cookies splice)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all_targets[@]}")
 
@@ -60,6 +60,7 @@ for target in "${targets[@]}"; do
     # Inputs up to 8 KiB for the rewriter, so a tag can outgrow the 4 KiB memory limit.
     max_len=4096
     [ "$target" = rewrite ] && max_len=8192
+    [ "$target" = splice ] && max_len=20000
 
     echo "== fuzzing $target for ${seconds}s"
     set +e

@@ -1,0 +1,181 @@
+//! Splicing against the parser: a page is recorded, then the same page or a changed one is
+//! answered from the recording, in arbitrary chunks, for another visitor; every answer must be
+//! byte for byte what the uncached rewriter produces for that request.
+//!
+//! Input: `SEL OP POS_HI POS_LO BYTE N SIZES[N] HTML`, binary:
+//! - `SEL`: bit `0x01` the recorded visit has an ID; bit `0x02` the later visits do; bit `0x04`
+//!   the later ID is the hostile one; bits `0x18` the charset (none, UTF-8, windows-1252,
+//!   Shift_JIS); bit `0x80` `existing = "replace"`.
+//! - `OP % 4`, `POS`, `BYTE`: how the second page differs from the first: not at all, byte `POS`
+//!   replaced by `BYTE`, cut at `POS`, or `BYTE` inserted at `POS` (`POS` modulo the length + 1).
+//! - `N`, `SIZES`: chunk sizes for the later visits, as in the `rewrite` target.
+//! - `HTML`: the first page.
+//!
+//! Checked: never a panic; the first visit (recorded), the changed page (spliced or diverged)
+//! and the first page again (spliced from whichever recording is held) each equal the uncached
+//! rewrite of the same bytes for the same visitor, unless the uncached rewrite bailed out.
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+
+use kmi_proxy::decorate::{Decorator, Existing};
+use kmi_proxy::identity::VisitorId;
+use kmi_proxy::metrics::Metrics;
+use kmi_proxy::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
+use kmi_proxy::rewrite::{rewrite_chunks, Charset, Page};
+use kmi_proxy::splice::{Key, Recordings, Splicer};
+use libfuzzer_sys::fuzz_target;
+use url::Url;
+
+const HOSTILE_ID: &str = "A-z._~0\"><script>alert(1)</script>&kmi=x#é 😀 %41+";
+
+struct Setup {
+    keep: Arc<Decorator>,
+    replace: Arc<Decorator>,
+    first: VisitorId,
+    plain: VisitorId,
+    hostile: VisitorId,
+}
+
+fn setup() -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let mut partners = PartnerSet::default();
+        let mut push = |name: &str, patterns: &[&str], rules: PartnerRules| {
+            partners.push(
+                name.into(),
+                patterns
+                    .iter()
+                    .map(|p| DomainPattern::parse(p).unwrap())
+                    .collect(),
+            );
+            partners.set_rules(rules);
+        };
+        push("checkout", &["checkout.partner.com"], PartnerRules::default());
+        push("network", &["*.partner.net"], PartnerRules::default());
+        push(
+            "redirect",
+            &["redirect.partner.org"],
+            PartnerRules {
+                mode: Mode::Redirect,
+                ..PartnerRules::default()
+            },
+        );
+        push(
+            "forms",
+            &["forms.partner.org"],
+            PartnerRules {
+                forms: true,
+                ..PartnerRules::default()
+            },
+        );
+        let keep = Decorator {
+            partners,
+            param: "kmi".into(),
+            existing: Existing::Keep,
+            ..Decorator::default()
+        };
+        let replace = Decorator {
+            existing: Existing::Replace,
+            ..keep.clone()
+        };
+        Setup {
+            keep: Arc::new(keep),
+            replace: Arc::new(replace),
+            first: VisitorId::new("first-visitor").unwrap(),
+            plain: VisitorId::new("Zk9+aB/c3Q==").unwrap(),
+            hostile: VisitorId::new(HOSTILE_ID).unwrap(),
+        }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [sel, op, pos_hi, pos_lo, byte, n, rest @ ..] = data else {
+        return;
+    };
+    let n = usize::from(*n % 16).min(rest.len());
+    let (sizes, html) = rest.split_at(n);
+    let sizes: Vec<usize> = sizes.iter().map(|&s| usize::from(s)).collect();
+    let setup = setup();
+    let decorator = if sel & 0x80 != 0 {
+        &setup.replace
+    } else {
+        &setup.keep
+    };
+    let first_id = (sel & 0x01 != 0).then(|| setup.first.clone());
+    let later_id = match (sel & 0x02 != 0, sel & 0x04 != 0) {
+        (false, _) => None,
+        (true, false) => Some(setup.plain.clone()),
+        (true, true) => Some(setup.hostile.clone()),
+    };
+    let (charset, content_type) = match (sel >> 3) & 0x03 {
+        0 => (Charset::Sniffed, "text/html"),
+        1 => (Charset::Declared(encoding_rs::UTF_8), "text/html; charset=utf-8"),
+        2 => (
+            Charset::Declared(encoding_rs::WINDOWS_1252),
+            "text/html; charset=windows-1252",
+        ),
+        _ => (
+            Charset::Declared(encoding_rs::SHIFT_JIS),
+            "text/html; charset=shift_jis",
+        ),
+    };
+    let page = Page {
+        url: Url::parse("https://www.site.test/page/index.html").unwrap(),
+        charset,
+        memory_limit: 4 * 1024 * 1024,
+    };
+    let pos = (usize::from(*pos_hi) << 8 | usize::from(*pos_lo)) % (html.len() + 1);
+    let mut changed = html.to_vec();
+    match op % 4 {
+        0 => {}
+        1 if pos < changed.len() => changed[pos] = *byte,
+        1 => changed.push(*byte),
+        2 => changed.truncate(pos),
+        _ => changed.insert(pos, *byte),
+    }
+
+    let store = Recordings::new(1 << 20, Arc::new(Metrics::new())).unwrap();
+    for (input, id, chunks) in [
+        (html, &first_id, &[][..]),
+        (&changed[..], &later_id, &sizes[..]),
+        (html, &later_id, &sizes[..]),
+    ] {
+        let (want, stats) = rewrite_chunks(
+            Arc::clone(decorator),
+            id.clone(),
+            page.clone(),
+            input,
+            &[],
+        );
+        let key = Key::new(page.url.as_str(), content_type, id.is_some());
+        let mut splicer = Splicer::new(
+            Arc::clone(decorator),
+            id.clone(),
+            page.clone(),
+            Some((Arc::clone(&store), key)),
+        );
+        let mut got = Vec::new();
+        let mut at = 0;
+        let mut cycle = chunks.iter().filter(|&&c| c > 0).cycle();
+        while at < input.len() {
+            let len = match cycle.next() {
+                Some(&c) => c.min(input.len() - at),
+                None => input.len() - at,
+            };
+            got.extend_from_slice(&splicer.write(&input[at..at + len]));
+            at += len;
+        }
+        got.extend_from_slice(&splicer.end());
+        if stats.bailed_out() {
+            continue;
+        }
+        assert!(
+            got == want,
+            "{} differs from the uncached rewrite\n   got: {:?}\n  want: {:?}",
+            splicer.report().path().as_str(),
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
+    }
+});
