@@ -205,7 +205,7 @@ fn run() -> Result<(), String> {
         let origin = start_origin(page.clone())
             .await
             .map_err(|e| format!("origin: {e}"))?;
-        let proxy = Proxy::start(&dir, origin, &partner)?;
+        let proxy = Proxy::start(&dir, origin, partner)?;
         let idle = proxy.status_mib("VmRSS:")?;
         // One URL twice: recorded, then spliced, and both the same decorated page.
         let mut sender = connect(proxy.addr).await?;
