@@ -27,6 +27,7 @@ struct RawConfig {
     upstream_ca: Option<String>,
     tls: Option<RawTls>,
     preserve_host: Option<bool>,
+    via_upstream: Option<bool>,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -167,6 +168,9 @@ pub struct Config {
     /// Forward the client's `Host` (the default: origins route virtual hosts on it) rather than
     /// the upstream's own authority.
     pub preserve_host: bool,
+    /// Add this hop to `Via` on requests to the origin. Off by default, as in nginx, Envoy and
+    /// HAProxy: nginx's default `gzip_proxied off` stops compressing any request with `Via`.
+    pub via_upstream: bool,
     /// Identity cookie names in precedence order.
     pub cookies: Vec<String>,
     /// Server-side identity: a response header the origin sets with this page's ID (removed
@@ -661,6 +665,7 @@ impl Validator {
             tls,
             upstream: upstream?,
             preserve_host: raw.preserve_host.unwrap_or(true),
+            via_upstream: raw.via_upstream.unwrap_or(false),
             cookies,
             response_header,
             request_header,

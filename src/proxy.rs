@@ -447,7 +447,9 @@ impl Proxy {
                 h.remove(headers::X_FORWARDED_HOST);
             }
         }
-        headers::add_via(h, client_version);
+        if config.via_upstream {
+            headers::add_via(h, client_version);
+        }
         if let Some((protocol, _)) = &exchange.upgrade {
             h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(UPGRADE, protocol.clone());

@@ -207,3 +207,58 @@ async fn split_http2_cookies_reach_the_origin_joined_with_every_byte() {
         "one Cookie field with every pair, bytes as sent"
     );
 }
+
+/// nginx's default `gzip_proxied off` stops compressing any request that carries `Via`: the
+/// proxy must not add one upstream by default, or putting it in front of a site makes every
+/// page, stylesheet and script travel uncompressed.
+#[tokio::test]
+async fn behind_the_proxy_an_nginx_origin_with_default_gzip_still_compresses() {
+    let page = format!(
+        "<!doctype html><title>t</title>{}<a href=\"https://checkout.partner.com/cart\">cart</a>",
+        "<p>filler paragraph for the compressor</p>".repeat(50)
+    );
+    let css = "body { color: black; }\n".repeat(100);
+    let body = "    root {dir};\n    types { text/html html; text/css css; }\n\
+                gzip on;\n    gzip_types text/css;\n\
+                location / { try_files $uri =404; }\n";
+    let nginx = Nginx::start(
+        "",
+        body,
+        &[("page.html", page.as_bytes()), ("site.css", css.as_bytes())],
+    )
+    .await;
+    let proxy = proxy("", nginx.addr).await;
+    for (path, cookie) in [
+        ("/page.html", Some("km_ai=visitor")),
+        ("/page.html", None),
+        ("/site.css", Some("km_ai=visitor")),
+    ] {
+        let mut req = get(proxy.addr, path)
+            .header("host", "www.site.test")
+            .header("accept", "text/html,text/css")
+            .header("accept-encoding", "gzip");
+        if let Some(c) = cookie {
+            req = req.cookie(c);
+        }
+        let rsp = req.send().await;
+        assert_eq!(rsp.status(), 200, "{path}");
+        assert_eq!(
+            header(&rsp, "content-encoding"),
+            Some("gzip"),
+            "{path} with cookie {cookie:?} arrived uncompressed"
+        );
+        let compressed = body_of(rsp).await;
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(&compressed[..]),
+            &mut plain,
+        )
+        .expect("a gzip body");
+        if path == "/page.html" && cookie.is_some() {
+            assert!(
+                contains(&plain, b"/cart?kmi=visitor"),
+                "{path} not decorated"
+            );
+        }
+    }
+}

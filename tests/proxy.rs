@@ -561,7 +561,7 @@ async fn forwarding_headers_tell_the_origin_who_asked() {
         .route("/echo", |_| Reply::ok().body("ok"))
         .start()
         .await;
-    let proxy = proxy("", origin.addr).await;
+    let proxy = proxy("via_upstream = true", origin.addr).await;
     let rsp = get(proxy.addr, "/echo")
         .header("host", "www.site.test")
         .header("x-forwarded-for", "1.2.3.4")
@@ -589,7 +589,7 @@ async fn forwarding_headers_tell_the_origin_who_asked() {
 #[tokio::test]
 async fn http_1_0_client_gets_a_whole_page_and_via_names_each_hops_protocol() {
     let origin = shop().await;
-    let proxy = proxy("", origin.addr).await;
+    let proxy = proxy("via_upstream = true", origin.addr).await;
     let rsp = raw(
         proxy.addr,
         "GET / HTTP/1.0\r\nHost: www.site.test\r\nCookie: km_ai=abc\r\n\r\n",

@@ -66,7 +66,11 @@ async fn tls_listener_serves_the_decorated_page_over_http_1_1_and_http_2_by_alpn
     let ca = Ca::new("Test CA");
     let site = ca.leaf(&["www.site.test"]);
     let origin = shop().await;
-    let proxy = proxy(&tls_listener(&site), origin.addr).await;
+    let proxy = proxy(
+        &format!("via_upstream = true\n{}", tls_listener(&site)),
+        origin.addr,
+    )
+    .await;
     let tls_addr = proxy.tls_addr.expect("the proxy has a TLS listener");
 
     let cases: [(&[&str], &str, Version, &str); 3] = [
@@ -403,7 +407,7 @@ async fn https_origin_with_a_bad_certificate_is_a_502_counted_as_tls() {
 #[tokio::test]
 async fn h2c_prior_knowledge_gets_the_decorated_page() {
     let origin = shop().await;
-    let proxy = proxy("", origin.addr).await;
+    let proxy = proxy("via_upstream = true", origin.addr).await;
     let rsp = navigate(proxy.addr, "/")
         .cookie("km_ai=abc")
         .over_h2c()

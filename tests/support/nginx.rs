@@ -73,8 +73,8 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx with one `server` listening on a free loopback port: `listen` is what goes
     /// after the address on the `listen` line (`"ssl http2"`, say), `body` the rest of the
-    /// server block. Files it needs can be written to the returned directory beforehand with
-    /// [`Nginx::dir`]; here they come in as `(name, contents)`.
+    /// server block, where `{dir}` stands for nginx's own directory. `files` are written there
+    /// first, as `(name, contents)`.
     pub async fn start(listen: &str, body: &str, files: &[(&str, &[u8])]) -> Nginx {
         let bin = binary();
         let dir = TempDir::new("nginx");
@@ -88,6 +88,7 @@ impl Nginx {
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let d = dir.path().display();
+        let body = body.replace("{dir}", &d.to_string());
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log info;\nevents {{ worker_connections 256; }}\n\
