@@ -6,6 +6,7 @@
 //! re-serialised, normalised or re-encoded, and relative links stay relative.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::ops::Range;
 
 use percent_encoding::percent_decode_str;
@@ -253,6 +254,10 @@ impl Decorator {
                     }
                 }
                 out.push_str(&url[cursor..]);
+                // Dropping a last pair can leave the kept text ending in C0 controls or spaces
+                // that were inside a value; at the end of the href the parser would strip them
+                // and change that value.
+                encode_trailing_edge(&mut out, start);
             }
             (None, _) => {
                 out.push_str(&url[..body_end]);
@@ -275,6 +280,23 @@ impl Decorator {
         out.push_str(&self.param);
         out.push('=');
         out.push_str(id.url_encoded());
+    }
+}
+
+/// Percent-encodes the C0 controls and spaces that `out[from..]` ends with, so the URL parser
+/// keeps them as data instead of stripping them from the end of the URL. Only ever called on a
+/// run inside the query, where the parser percent-encodes these characters anyway, so the URL
+/// means the same; `%XX` of an ASCII byte is the same in every ASCII-compatible encoding. Tabs
+/// and newlines stay as they are: the parser removes them wherever they are.
+fn encode_trailing_edge(out: &mut String, from: usize) {
+    let kept = out[from..].trim_end_matches(is_url_edge).len();
+    let run = out.split_off(from + kept);
+    for c in run.chars() {
+        if is_tab_or_newline(c) {
+            out.push(c);
+        } else {
+            let _ = write!(out, "%{:02X}", u32::from(c));
+        }
     }
 }
 
@@ -556,6 +578,23 @@ mod tests {
             base,
             "https://checkout.partner.com/?kmi",
             Some(&format!("https://checkout.partner.com/?{ID}")),
+        );
+        // Found by a five-minute fuzz run: dropping the later `kmi` left the controls that
+        // ended `x`'s value at the end of the href, where the parser strips them, so `x` changed
+        // from "2\0...\x19" to "2".
+        let base = "https://checkout.partner.com/doc?x=1&y=2#top";
+        let nuls = "\0".repeat(7);
+        check_with(
+            Existing::Replace,
+            base,
+            &format!(">com/?kmi=1&x=2{nuls}\x19&kmi=3ck\x1f:+"),
+            Some(&format!(">com/?{ID}&x=2{}%19", "%00".repeat(7))),
+        );
+        check_with(
+            Existing::Replace,
+            base,
+            "https://checkout.partner.com/?kmi=1&x=a \t&kmi=2",
+            Some(&format!("https://checkout.partner.com/?{ID}&x=a%20\t")),
         );
         // `kmix` and `xkmi` are other parameters.
         check(
