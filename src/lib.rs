@@ -6,6 +6,7 @@
 //! - [`identity`]: request cookies → [`identity::VisitorId`]. Pure.
 //! - [`partner`]: partner domain patterns and host matching. Pure.
 //! - [`decorate`]: one href + ID → decorated href. Pure.
+//! - [`charset`]: how a page's bytes are read (byte order mark, header, `<meta>`). Pure.
 //! - [`rewrite`]: the streaming HTML rewriter, the only module that knows lol_html.
 //! - [`headers`]: hop-by-hop, forwarding and cache-safety header rules. Pure.
 //! - [`proxy`]: one request through the origin and back; decides what gets rewritten.
@@ -18,6 +19,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod charset;
 pub mod coding;
 pub mod config;
 pub mod consent;
