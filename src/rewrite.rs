@@ -291,8 +291,11 @@ enum Base {
     /// No `<base href>` yet: links resolve against the page's URL.
     None,
     /// The first `<base href>`, resolved against the page URL (or the page URL itself when it
-    /// does not parse, as browsers fall back to it).
-    Url(Url),
+    /// does not parse, as browsers fall back to it), as Chromium reads it: its query in UTF-8.
+    /// `in_page` is the same base with its query in the page's encoding, as the HTML standard
+    /// and Firefox read it, when that differs (non-ASCII in the query of a page that is not
+    /// UTF-8): a link is then only changed where both readings change it alike.
+    Url { url: Url, in_page: Option<Url> },
     /// The first `<base href>` has text the rewriter cannot be sure to read as the browser does
     /// (bytes invalid in the page's encoding, or non-ASCII in a guessed encoding): only links
     /// that do not depend on it are read.
@@ -356,11 +359,21 @@ impl LinkHandler {
             return;
         };
         // The URL parser strips surrounding C0 controls and spaces, HTML's whitespace included.
-        // A base that does not parse leaves the page's URL in force, as in browsers.
-        self.base = Base::Url(
-            decorate::join(&self.page_url, &href, self.encoding)
-                .unwrap_or_else(|_| self.page_url.clone()),
-        );
+        // A base that does not parse leaves the page's URL in force, as in browsers. (The
+        // encoding only changes the query, so both readings parse or neither does.)
+        self.base = match (
+            self.page_url.join(&href),
+            decorate::join(&self.page_url, &href, self.encoding),
+        ) {
+            (Ok(url), Ok(in_page)) => {
+                let in_page = (in_page != url).then_some(in_page);
+                Base::Url { url, in_page }
+            }
+            _ => Base::Url {
+                url: self.page_url.clone(),
+                in_page: None,
+            },
+        };
     }
 
     /// The attribute's value as the browser reads it (entities decoded), unless the rewriter
@@ -385,37 +398,46 @@ impl LinkHandler {
     }
 
     /// The link an attribute holds, if the rewriter may change it and can read it as the browser
-    /// does, and it leaves the page.
-    fn target(&self, el: &Element<'_, '_>, attribute: &str) -> Option<(String, &Url)> {
+    /// does, and it leaves the page; with the base it resolves against, and the other reading
+    /// of that base if browsers differ on it.
+    fn target(
+        &self,
+        el: &Element<'_, '_>,
+        attribute: &str,
+    ) -> Option<(String, &Url, Option<&Url>)> {
         if el.source_location().bytes().start < self.declared_at {
             return None;
         }
         let value = self.readable(el, attribute)?;
-        let base = match &self.base {
-            Base::None => &self.page_url,
-            Base::Url(base) => base,
-            Base::Unreadable if decorate::is_absolute_http(&value) => &self.page_url,
+        let (base, other) = match &self.base {
+            Base::None => (&self.page_url, None),
+            Base::Url { url, in_page } => (url, in_page.as_ref()),
+            Base::Unreadable if decorate::is_absolute_http(&value) => (&self.page_url, None),
             Base::Unreadable => return None,
         };
         if decorate::is_fragment_only(&value) && same_document(base, &self.page_url) {
             return None;
         }
-        Some((value, base))
+        Some((value, base, other))
     }
 
     fn link(&mut self, el: &mut Element<'_, '_>) {
-        let Some((href, base)) = self.target(el, "href") else {
+        let Some((href, base, other)) = self.target(el, "href") else {
             return;
         };
-        let (href, partner) =
-            match self
-                .decorator
+        let decorate = |base| {
+            self.decorator
                 .decorate_link(&href, base, self.encoding, self.id.as_ref())
-            {
-                Outcome::Decorated { href, partner } => (href, partner),
-                Outcome::Redirected { href, partner } => (self.on_this_site(href), partner),
-                _ => return,
-            };
+        };
+        let outcome = decorate(base);
+        if other.is_some_and(|other| decorate(other) != outcome) {
+            return;
+        }
+        let (href, partner) = match outcome {
+            Outcome::Decorated { href, partner } => (href, partner),
+            Outcome::Redirected { href, partner } => (self.on_this_site(href), partner),
+            _ => return,
+        };
         // lol_html escapes `"` in attribute values but not `&`, so the text written back means
         // exactly `href` to the browser.
         if el
@@ -430,7 +452,7 @@ impl LinkHandler {
     /// another origin would otherwise send it there.
     fn on_this_site(&self, path: String) -> String {
         match &self.base {
-            Base::Url(base) if base.origin() != self.page_url.origin() => {
+            Base::Url { url: base, .. } if base.origin() != self.page_url.origin() => {
                 format!("{}{path}", self.page_url.origin().ascii_serialization())
             }
             _ => path,
@@ -444,7 +466,7 @@ impl LinkHandler {
         let Some(id) = self.id.as_ref() else {
             return;
         };
-        let Some((action, base)) = self.target(el, "action") else {
+        let Some((action, base, other)) = self.target(el, "action") else {
             return;
         };
         let Some(partner) = self.decorator.partner_of(&action, base) else {
@@ -461,9 +483,12 @@ impl LinkHandler {
             .to_ascii_lowercase();
         match method.as_str() {
             "post" => {
-                let Outcome::Decorated { href, .. } =
-                    self.decorator.decorate_in(&action, base, self.encoding, id)
-                else {
+                let decorate = |base| self.decorator.decorate_in(&action, base, self.encoding, id);
+                let outcome = decorate(base);
+                if other.is_some_and(|other| decorate(other) != outcome) {
+                    return;
+                }
+                let Outcome::Decorated { href, .. } = outcome else {
                     return;
                 };
                 if el
