@@ -208,10 +208,15 @@ impl PageRewriter {
             declared_at,
         } = reading
         {
-            links.encoding = encoding;
-            links.guessed = confidence == Confidence::Guessed;
-            links.declared_at = declared_at;
-            self.state = State::Rewriting(Box::new(self.rewriter(links, memory_limit)));
+            // `sniff` only answers `Rewrite` with an ASCII-compatible encoding; a `Page` built
+            // by hand with another one passes through like any page the rewriter cannot read.
+            if let Some(ascii_compatible) = AsciiCompatibleEncoding::new(encoding) {
+                links.encoding = encoding;
+                links.guessed = confidence == Confidence::Guessed;
+                links.declared_at = declared_at;
+                let rewriter = self.rewriter(links, ascii_compatible, memory_limit);
+                self.state = State::Rewriting(Box::new(rewriter));
+            }
         }
         Some(held)
     }
@@ -219,14 +224,13 @@ impl PageRewriter {
     fn rewriter(
         &self,
         mut links: Box<LinkHandler>,
+        encoding: AsciiCompatibleEncoding,
         memory_limit: usize,
     ) -> HtmlRewriter<'static, Sink> {
         let sink_out = Arc::clone(&self.out);
         let sink: Sink = Box::new(move |chunk: &[u8]| {
             lock(&sink_out).extend_from_slice(chunk);
         });
-        let encoding = AsciiCompatibleEncoding::new(links.encoding)
-            .expect("charset::sniff only reads pages with ASCII-compatible encodings");
         let selector = selectors(links.decorator.partners.any_forms());
         let settings = Settings::new_send()
             .append_element_content_handler(element!(selector, move |el| {
