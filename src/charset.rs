@@ -235,11 +235,13 @@ fn meta(b: &[u8], mut i: usize) -> Option<(Option<&'static Encoding>, usize)> {
     Some((declared, i))
 }
 
+/// An attribute's name and value as the prescan reads them (ASCII lower-cased).
+type Attribute = (Vec<u8>, Vec<u8>);
+
 /// The standard's "get an attribute" from `i`: `(Some((name, value)), position after it)`,
 /// `(None, position of the >)` when the tag ends, `None` when out of bytes. Names and values are
 /// lower-cased (ASCII), as the standard does.
-#[allow(clippy::type_complexity)]
-fn attribute(b: &[u8], mut i: usize) -> Option<(Option<(Vec<u8>, Vec<u8>)>, usize)> {
+fn attribute(b: &[u8], mut i: usize) -> Option<(Option<Attribute>, usize)> {
     while is_space(*b.get(i)?) || b[i] == b'/' {
         i += 1;
     }
