@@ -429,17 +429,13 @@ impl LinkHandler {
         let Some((href, base, other)) = self.target(el, "href") else {
             return;
         };
-        let decorate = |base| {
+        let decorate = |base: &Url| {
             self.decorator
                 .decorate_link(&href, base, self.encoding, self.id.as_ref())
         };
-        let outcome = decorate(base);
-        if other.is_some_and(|other| decorate(other) != outcome) {
-            return;
-        }
-        let (href, partner) = match outcome {
-            Outcome::Decorated { href, partner } => (href, partner),
-            Outcome::Redirected { href, partner } => (self.on_this_site(href), partner),
+        let (href, partner) = match agreed(base, other, decorate) {
+            Some(Outcome::Decorated { href, partner }) => (href, partner),
+            Some(Outcome::Redirected { href, partner }) => (self.on_this_site(href), partner),
             _ => return,
         };
         // lol_html escapes `"` in attribute values but not `&`, so the text written back means
@@ -487,12 +483,9 @@ impl LinkHandler {
             .to_ascii_lowercase();
         match method.as_str() {
             "post" => {
-                let decorate = |base| self.decorator.decorate_in(&action, base, self.encoding, id);
-                let outcome = decorate(base);
-                if other.is_some_and(|other| decorate(other) != outcome) {
-                    return;
-                }
-                let Outcome::Decorated { href, .. } = outcome else {
+                let decorate =
+                    |base: &Url| self.decorator.decorate_in(&action, base, self.encoding, id);
+                let Some(Outcome::Decorated { href, .. }) = agreed(base, other, decorate) else {
                     return;
                 };
                 if el
@@ -515,6 +508,17 @@ impl LinkHandler {
             }
         }
         self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What `decorate` does to a link against its base, unless browsers read the base two ways
+/// (`other`) and the two readings give different results: then nobody can say which one the
+/// browser will follow, and the link is left alone (`None`).
+fn agreed(base: &Url, other: Option<&Url>, decorate: impl Fn(&Url) -> Outcome) -> Option<Outcome> {
+    let outcome = decorate(base);
+    match other {
+        Some(other) if decorate(other) != outcome => None,
+        _ => Some(outcome),
     }
 }
 
