@@ -88,8 +88,8 @@ const UTF_16LE_BOM: &[u8] = b"\xFF\xFE";
 
 /// Decides how to read a page from its first bytes, `head` (all of the page so far; `ended`
 /// when there is no more). `None` means more bytes are needed first: at most 3 (for a byte order
-/// mark), or up to [`PRESCAN_BYTES`] for an HTML page that declares no charset and has not shown
-/// a `<meta>` naming one yet.
+/// mark), or for an HTML page that declares no charset, up to its `<meta>` naming one, its first
+/// link or form, or [`PRESCAN_BYTES`], whichever comes first.
 pub fn sniff(charset: Charset, head: &[u8], ended: bool) -> Option<Reading> {
     let known = |encoding| Reading::Rewrite {
         encoding,
@@ -120,36 +120,61 @@ pub fn sniff(charset: Charset, head: &[u8], ended: bool) -> Option<Reading> {
         Charset::Sniffed => {
             let window = &head[..head.len().min(PRESCAN_BYTES)];
             match prescan(window) {
-                Some((encoding, _)) if !encoding.is_ascii_compatible() => {
+                Prescan::Declared(encoding, _) if !encoding.is_ascii_compatible() => {
                     Some(Reading::PassThrough)
                 }
-                Some((encoding, end)) => Some(Reading::Rewrite {
+                Prescan::Declared(encoding, end) => Some(Reading::Rewrite {
                     encoding,
                     confidence: Confidence::Known,
                     declared_at: end,
                 }),
-                // The prescan ran out of bytes: final once it had all it will ever look at.
-                None if ended || head.len() >= PRESCAN_BYTES => Some(guessed(WINDOWS_1252)),
-                None => None,
+                // A link (or form) before any declaration: the page is not held back for a
+                // `<meta>` that may follow (a page that streams its first link must get it
+                // through); the encoding is a guess, which is safe for every link.
+                Prescan::Link(_) => Some(guessed(WINDOWS_1252)),
+                // Out of bytes: final once the prescan had all it will ever look at.
+                Prescan::RanOut if ended || head.len() >= PRESCAN_BYTES => {
+                    Some(guessed(WINDOWS_1252))
+                }
+                Prescan::RanOut => None,
             }
         }
     }
 }
 
-/// The HTML standard's "prescan a byte stream to determine its encoding", over `b`: the encoding
-/// and where the deciding `<meta>` ends, or `None` when it ran out of bytes without an answer
-/// (which more bytes could change). An answer is final: it comes from the first six bytes or
-/// from a `<meta>` read up to its `>`.
+/// What the prescan found first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prescan {
+    /// A declaration of this encoding, ending at this offset.
+    Declared(&'static Encoding, usize),
+    /// The start tag of an `a`, `area` or `form`, at this offset: something the rewriter may
+    /// change, before any declaration.
+    Link(usize),
+    /// Out of bytes without either; more bytes could change the answer.
+    RanOut,
+}
+
+/// The HTML standard's "prescan a byte stream to determine its encoding" over `b`, which also
+/// stops at the first start tag the rewriter may change (see [`Prescan`]). An answer other than
+/// `RanOut` is final: it comes from the first six bytes or from a tag read up to its end.
 ///
 /// The standard's last step, the XML declaration's encoding when there is no `<meta>`, is left
 /// out: such a page is read as a guess, which is safe whatever the declaration says.
-pub fn prescan(b: &[u8]) -> Option<(&'static Encoding, usize)> {
+pub fn prescan(b: &[u8]) -> Prescan {
     if b.starts_with(b"<\0?\0x\0") {
-        return Some((UTF_16LE, 6));
+        return Prescan::Declared(UTF_16LE, 6);
     }
     if b.starts_with(b"\0<\0?\0x") {
-        return Some((UTF_16BE, 6));
+        return Prescan::Declared(UTF_16BE, 6);
     }
+    match scan(b) {
+        Some(found) => found,
+        None => Prescan::RanOut,
+    }
+}
+
+/// The prescan's loop; `None` when it runs out of bytes.
+fn scan(b: &[u8]) -> Option<Prescan> {
     let mut i = 0;
     while i < b.len() {
         let rest = &b[i..];
@@ -164,11 +189,23 @@ pub fn prescan(b: &[u8]) -> Option<(&'static Encoding, usize)> {
             let (found, at) = meta(b, i)?;
             i = at;
             if let Some(encoding) = found {
-                return Some((encoding, i + 1));
+                return Some(Prescan::Declared(encoding, i + 1));
             }
         } else if rest.len() >= 2 && rest[0] == b'<' && rest[1].is_ascii_alphabetic()
             || rest.len() >= 3 && rest.starts_with(b"</") && rest[2].is_ascii_alphabetic()
         {
+            // A tag name ends where the tokenizer ends it (`<a/href=x>` is an `a`).
+            let name_end = rest
+                .iter()
+                .position(|&c| is_space(c) || c == b'>' || c == b'/');
+            let is_link = |name: &[u8]| {
+                [&b"a"[..], b"area", b"form"]
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n))
+            };
+            if name_end.is_some_and(|end| is_link(&rest[1..end])) {
+                return Some(Prescan::Link(i));
+            }
             i += rest.iter().position(|&c| is_space(c) || c == b'>')?;
             loop {
                 let (attribute, at) = attribute(b, i)?;
@@ -478,7 +515,10 @@ mod tests {
             (b"<p>no declaration</p>", None),
         ];
         for (page, expected) in cases {
-            let got = prescan(page).map(|(e, _)| e);
+            let got = match prescan(page) {
+                Prescan::Declared(e, _) => Some(e),
+                _ => None,
+            };
             assert_eq!(got, *expected, "{}", String::from_utf8_lossy(page));
         }
         assert_eq!(
@@ -487,7 +527,42 @@ mod tests {
         );
         assert_eq!(
             prescan(b"<p><meta charset=utf-8 >x"),
-            Some((UTF_8, b"<p><meta charset=utf-8 >".len()))
+            Prescan::Declared(UTF_8, b"<p><meta charset=utf-8 >".len())
+        );
+    }
+
+    #[test]
+    fn a_link_before_any_declaration_ends_the_wait() {
+        for (page, at) in [
+            (&b"<!doctype html><body><a href=x>"[..], 21),
+            (b"<p><A/href=x>", 3),
+            (b"<!-- <a href=x> --><form action=y>", 19),
+            (b"<title>t</title><area href=x>", 16),
+        ] {
+            assert_eq!(
+                prescan(page),
+                Prescan::Link(at),
+                "{}",
+                String::from_utf8_lossy(page)
+            );
+        }
+        // Not a link: other names, end tags, a name still arriving.
+        for page in [&b"<abbr>x</a><article>"[..], b"<p><a"] {
+            assert_eq!(
+                prescan(page),
+                Prescan::RanOut,
+                "{}",
+                String::from_utf8_lossy(page)
+            );
+        }
+        assert_eq!(
+            sniff(Charset::Sniffed, b"<body><a href=x>", false),
+            Some(rewrite(WINDOWS_1252, Confidence::Guessed, 0))
+        );
+        // A declaration before the first link still decides.
+        assert_eq!(
+            sniff(Charset::Sniffed, b"<meta charset=koi8-r><a href=x>", false),
+            Some(rewrite(encoding_rs::KOI8_R, Confidence::Known, 21))
         );
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! The page is read as a browser reads it. Its encoding is decided before lol_html sees a byte
 //! ([`charset::sniff`]: byte order mark, header, `<meta>` prescan, default), holding at most the
-//! first 1024 bytes. Its base URL is the first HTML `<base href>` in the document, never one in a
+//! first 1024 bytes and never past the first link. Its base URL is the first HTML `<base href>` in the document, never one in a
 //! template's contents or in SVG/MathML. A link is only changed where the rewriter reads it as
 //! the browser does: not with bytes invalid in the encoding, not with non-ASCII when the encoding
 //! is a guess, not against a base it cannot read, not before the `<meta>` that named the
@@ -111,8 +111,8 @@ pub struct PageRewriter {
 
 enum State {
     /// The first bytes of the page, held until they say how to read it: three for a byte order
-    /// mark, and for a page that declares no charset up to its `<meta>` or 1024 bytes (see
-    /// [`charset::sniff`]). Browsers wait for the same bytes before they decode anything.
+    /// mark, and for a page that declares no charset up to its `<meta>`, its first link or 1024
+    /// bytes (see [`charset::sniff`]). Browsers wait for the same bytes before they decode.
     Sniffing {
         held: Vec<u8>,
         links: Box<LinkHandler>,
