@@ -564,13 +564,17 @@ fn whitespace_only_href_on_a_partner_page() {
 }
 
 /// Pages as the encoding sniffer meets them: markup that looks like declarations (metas with and
-/// without labels, comments, attributes quoting a meta), byte order marks, and arbitrary bytes.
+/// without labels, comments, attributes quoting a meta), links and forms (which end the wait),
+/// byte order marks, and arbitrary bytes.
 fn page_bytes() -> impl Strategy<Value = Vec<u8>> {
     let piece = prop_oneof![
         Just(b"<meta charset=".to_vec()),
         Just(b"<meta http-equiv=content-type content='text/html; charset=".to_vec()),
         Just(b"<META CHARSET=\"".to_vec()),
         Just(b"<meta charset=euc-kr>".to_vec()),
+        Just(b"<a href=x>".to_vec()),
+        Just(b"<FORM".to_vec()),
+        Just(b"</a>".to_vec()),
         Just(b"<!--".to_vec()),
         Just(b"-->".to_vec()),
         Just(b"<p title='".to_vec()),
