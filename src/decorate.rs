@@ -6,8 +6,11 @@
 //! re-serialised, normalised or re-encoded, and relative links stay relative.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::ops::Range;
 
+use encoding_rs::{Encoding, UTF_8};
 use percent_encoding::percent_decode_str;
 use url::Url;
 
@@ -79,17 +82,23 @@ impl Decorator {
     /// Which partner, if any, `href` points at once resolved against `base` (the page's URL, or
     /// its `<base href>`).
     pub fn partner_of(&self, href: &str, base: &Url) -> Option<PartnerIndex> {
-        self.resolve(href, base).map(|(partner, _)| partner)
+        self.resolve(href, base, UTF_8).map(|(partner, _)| partner)
     }
 
     /// The partner and the absolute URL of `href`, when it points into a partner's site (its
-    /// host, and its `paths` when it has some).
-    fn resolve(&self, href: &str, base: &Url) -> Option<(PartnerIndex, Url)> {
+    /// host, and its `paths` when it has some). `encoding` is the document's: it is the one the
+    /// query's non-ASCII is percent-encoded in (the host, path and fragment are always UTF-8).
+    fn resolve(
+        &self,
+        href: &str,
+        base: &Url,
+        encoding: &'static Encoding,
+    ) -> Option<(PartnerIndex, Url)> {
         let href = href.trim_matches(is_url_edge);
         if !could_be_http(href) || !self.may_reach_partner(href, base) {
             return None;
         }
-        let url = base.join(href).ok()?;
+        let url = join(base, href, encoding).ok()?;
         let partner = self.partner_host(&url)?;
         let paths = &self.partners.rules(partner).paths;
         if !paths.is_empty() && !crate::paths::any_matches(paths, url.path()) {
@@ -179,8 +188,15 @@ impl Decorator {
 
     /// What happens to a link in a page: inline partners get the ID (when there is one),
     /// redirect partners get the proxy's redirect path whoever the visitor is.
-    pub fn decorate_link(&self, href: &str, base: &Url, id: Option<&VisitorId>) -> Outcome {
-        let Some((partner, url)) = self.resolve(href, base) else {
+    /// `encoding` is the page's (see [`join`]).
+    pub fn decorate_link(
+        &self,
+        href: &str,
+        base: &Url,
+        encoding: &'static Encoding,
+        id: Option<&VisitorId>,
+    ) -> Outcome {
+        let Some((partner, url)) = self.resolve(href, base, encoding) else {
             return Outcome::NotPartner;
         };
         match (self.partners.rules(partner).mode, id) {
@@ -200,9 +216,22 @@ impl Decorator {
         format!("{}?to={to}", self.redirect_path)
     }
 
-    /// Decorates `href` for `id` when it points at a partner.
+    /// Decorates `href` for `id` when it points at a partner. For a URL outside a page (a
+    /// header), which is always read as UTF-8.
     pub fn decorate(&self, href: &str, base: &Url, id: &VisitorId) -> Outcome {
-        match self.resolve(href, base) {
+        self.decorate_in(href, base, UTF_8, id)
+    }
+
+    /// Decorates `href`, found in a page read with `encoding`, for `id` when it points at a
+    /// partner.
+    pub fn decorate_in(
+        &self,
+        href: &str,
+        base: &Url,
+        encoding: &'static Encoding,
+        id: &VisitorId,
+    ) -> Outcome {
+        match self.resolve(href, base, encoding) {
             Some((partner, resolved)) => self.insert(href, partner, &resolved, id),
             None => Outcome::NotPartner,
         }
@@ -253,6 +282,10 @@ impl Decorator {
                     }
                 }
                 out.push_str(&url[cursor..]);
+                // Dropping a last pair can leave the kept text ending in C0 controls or spaces
+                // that were inside a value; at the end of the href the parser would strip them
+                // and change that value.
+                encode_trailing_edge(&mut out, start);
             }
             (None, _) => {
                 out.push_str(&url[..body_end]);
@@ -275,6 +308,84 @@ impl Decorator {
         out.push_str(&self.param);
         out.push('=');
         out.push_str(id.url_encoded());
+    }
+}
+
+/// Parses `input` against `base` as a browser does for a URL in a document read with `encoding`
+/// (the URL standard's encoding override): the query's non-ASCII is percent-encoded in that
+/// encoding, never through UTF-8 or U+FFFD; a character the encoding cannot represent becomes
+/// `%26%23N%3B` (`&#N;` percent-encoded), as the URL standard says. Only http(s), ws(s), ftp and
+/// file URLs take the override.
+pub fn join(base: &Url, input: &str, encoding: &'static Encoding) -> Result<Url, url::ParseError> {
+    if encoding == UTF_8 {
+        return base.join(input);
+    }
+    fn encoder(encoding: &'static Encoding) -> impl Fn(&str) -> Cow<'_, [u8]> {
+        move |s| encode_query(s, encoding)
+    }
+    let encode = encoder(encoding);
+    Url::options()
+        .base_url(Some(base))
+        .encoding_override(Some(&encode))
+        .parse(input)
+}
+
+/// A query's text in `encoding`, for the URL parser to percent-encode. encoding_rs writes a
+/// character it cannot encode as `&#N;`, which the parser would leave as a separator and a
+/// parameter; the URL standard writes it as `%26%23N%3B`, which the parser keeps as it is.
+fn encode_query<'a>(s: &'a str, encoding: &'static Encoding) -> Cow<'a, [u8]> {
+    let (bytes, _, unmappable) = encoding.encode(s);
+    if !unmappable {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(s.len() + 16);
+    let mut buf = [0u8; 4];
+    for c in s.chars() {
+        let (bytes, _, unmappable) = encoding.encode(c.encode_utf8(&mut buf));
+        if unmappable {
+            let _ = write!(out, "%26%23{}%3B", u32::from(c));
+        } else {
+            out.extend_from_slice(&bytes);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether `href` is an absolute `http://` or `https://` URL, which resolves the same against
+/// any base (for one that a browser might read differently).
+pub fn is_absolute_http(href: &str) -> bool {
+    let href = href.trim_start_matches(is_url_edge);
+    let href: Cow<str> = if href.contains(is_tab_or_newline) {
+        Cow::Owned(href.replace(is_tab_or_newline, ""))
+    } else {
+        Cow::Borrowed(href)
+    };
+    let bytes = href.as_bytes();
+    let after = |p: &[u8]| {
+        (bytes.len() >= p.len() && bytes[..p.len()].eq_ignore_ascii_case(p))
+            .then(|| &bytes[p.len()..])
+    };
+    // With a special scheme the parser takes `//` as the authority's start whatever the base:
+    // only a scheme with no slashes (`https:x`) or one slash is relative to a same-scheme base.
+    after(b"https:")
+        .or_else(|| after(b"http:"))
+        .is_some_and(|rest| rest.len() >= 2 && is_slash(rest[0]) && is_slash(rest[1]))
+}
+
+/// Percent-encodes the C0 controls and spaces that `out[from..]` ends with, so the URL parser
+/// keeps them as data instead of stripping them from the end of the URL. Only ever called on a
+/// run inside the query, where the parser percent-encodes these characters anyway, so the URL
+/// means the same; `%XX` of an ASCII byte is the same in every ASCII-compatible encoding. Tabs
+/// and newlines stay as they are: the parser removes them wherever they are.
+fn encode_trailing_edge(out: &mut String, from: usize) {
+    let kept = out[from..].trim_end_matches(is_url_edge).len();
+    let run = out.split_off(from + kept);
+    for c in run.chars() {
+        if is_tab_or_newline(c) {
+            out.push(c);
+        } else {
+            let _ = write!(out, "%{:02X}", u32::from(c));
+        }
     }
 }
 
@@ -499,6 +610,53 @@ mod tests {
     }
 
     #[test]
+    fn absolute_http_urls_are_told_from_base_relative_ones() {
+        for href in [
+            "https://a.example/",
+            " HTTP://a",
+            "https:\\\\a",
+            "ht\ttps:/\n/a",
+        ] {
+            assert!(is_absolute_http(href), "{href:?}");
+        }
+        // With a base of the same scheme these take its host.
+        for href in [
+            "https:a",
+            "https:/a",
+            "//a",
+            "a",
+            "ftp://a",
+            "javascript://a",
+        ] {
+            assert!(!is_absolute_http(href), "{href:?}");
+        }
+    }
+
+    #[test]
+    fn a_query_is_percent_encoded_in_the_documents_encoding() {
+        let base = Url::parse("https://checkout.partner.com/").unwrap();
+        let joined = |href, encoding| join(&base, href, encoding).unwrap().to_string();
+        // The path is UTF-8 whatever the page's encoding; the query is in it.
+        assert_eq!(
+            joined("caf\u{e9}?q=caf\u{e9}", encoding_rs::WINDOWS_1252),
+            "https://checkout.partner.com/caf%C3%A9?q=caf%E9"
+        );
+        assert_eq!(
+            joined("?q=\u{691c}", encoding_rs::SHIFT_JIS),
+            "https://checkout.partner.com/?q=%8C%9F"
+        );
+        // What the encoding cannot represent is a character reference first, as in browsers.
+        assert_eq!(
+            joined("?q=\u{1F600}", encoding_rs::WINDOWS_1252),
+            "https://checkout.partner.com/?q=%26%23128512%3B"
+        );
+        assert_eq!(
+            joined("?q=\u{e9}", UTF_8),
+            "https://checkout.partner.com/?q=%C3%A9"
+        );
+    }
+
+    #[test]
     fn lookalikes_and_other_schemes_are_not_partners() {
         for href in [
             "https://partner.com/",
@@ -556,6 +714,23 @@ mod tests {
             base,
             "https://checkout.partner.com/?kmi",
             Some(&format!("https://checkout.partner.com/?{ID}")),
+        );
+        // Found by a five-minute fuzz run: dropping the later `kmi` left the controls that
+        // ended `x`'s value at the end of the href, where the parser strips them, so `x` changed
+        // from "2\0...\x19" to "2".
+        let base = "https://checkout.partner.com/doc?x=1&y=2#top";
+        let nuls = "\0".repeat(7);
+        check_with(
+            Existing::Replace,
+            base,
+            &format!(">com/?kmi=1&x=2{nuls}\x19&kmi=3ck\x1f:+"),
+            Some(&format!(">com/?{ID}&x=2{}%19", "%00".repeat(7))),
+        );
+        check_with(
+            Existing::Replace,
+            base,
+            "https://checkout.partner.com/?kmi=1&x=a \t&kmi=2",
+            Some(&format!("https://checkout.partner.com/?{ID}&x=a%20\t")),
         );
         // `kmix` and `xkmi` are other parameters.
         check(

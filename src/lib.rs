@@ -7,6 +7,7 @@
 //! - [`identity`]: request cookies → [`identity::VisitorId`]. Pure.
 //! - [`partner`]: partner domain patterns and host matching. Pure.
 //! - [`decorate`]: one href + ID → decorated href. Pure.
+//! - [`charset`]: how a page's bytes are read (byte order mark, header, `<meta>`). Pure.
 //! - [`rewrite`]: the streaming HTML rewriter, the only module that knows lol_html.
 //! - [`splice`]: parse once, splice per visitor: recordings of rewrites, replayed with each
 //!   visitor's ID after every byte is verified.
@@ -22,6 +23,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod charset;
 pub mod coding;
 pub mod config;
 pub mod consent;

@@ -6,7 +6,16 @@
 //! other attributes keep their raw text, separated by single spaces. No input byte is ever lost:
 //! if lol_html gives up (memory limit), it flushes what it holds unmodified and the rest of the
 //! page is passed through as is.
+//!
+//! The page is read as a browser reads it. Its encoding is decided before lol_html sees a byte
+//! ([`charset::sniff`]: byte order mark, header, `<meta>` prescan, default), holding at most the
+//! first 1024 bytes and never past the first link. Its base URL is the first HTML `<base href>` in the document, never one in a
+//! template's contents or in SVG/MathML. A link is only changed where the rewriter reads it as
+//! the browser does: not with bytes invalid in the encoding, not with non-ASCII when the encoding
+//! is a guess, not against a base it cannot read, not before the `<meta>` that named the
+//! encoding. A `<base>` after a link cannot change that link any more (see the README).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -18,41 +27,12 @@ use lol_html::send::{HtmlRewriter, Settings};
 use lol_html::{element, AsciiCompatibleEncoding, MemorySettings};
 use url::Url;
 
+use crate::charset::{self, Confidence, Reading};
 use crate::decorate::{self, Decorator, Outcome};
 use crate::identity::VisitorId;
 use crate::partner::PartnerIndex;
 
-/// How the bytes of a page are to be read, decided from its `Content-Type` before the first byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Charset {
-    /// The header named an encoding lol_html can parse; a `<meta charset>` cannot override it.
-    Declared(&'static Encoding),
-    /// No charset in the header: start as UTF-8 and switch on the page's first `<meta charset>`
-    /// or `http-equiv`, as a browser does.
-    Sniffed,
-}
-
-/// The header named an encoding that is not ASCII-compatible (UTF-16, ISO-2022-JP) or that no
-/// browser knows: rewriting could corrupt it, so the page passes through.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnsupportedCharset(pub String);
-
-/// Reads the `charset` parameter of a `Content-Type` value.
-pub fn charset_of(content_type: &str) -> Result<Charset, UnsupportedCharset> {
-    let label = content_type.split(';').skip(1).find_map(|param| {
-        let (name, value) = param.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("charset")
-            .then(|| value.trim().trim_matches('"'))
-    });
-    let Some(label) = label else {
-        return Ok(Charset::Sniffed);
-    };
-    Encoding::for_label(label.as_bytes())
-        .filter(|e| AsciiCompatibleEncoding::new(e).is_some())
-        .map(Charset::Declared)
-        .ok_or_else(|| UnsupportedCharset(label.to_owned()))
-}
+pub use crate::charset::{charset_of, Charset, UnsupportedCharset};
 
 /// What the rewriter needs to know about the page it is rewriting.
 #[derive(Debug, Clone)]
@@ -120,13 +100,14 @@ impl RewriteStats {
 }
 
 /// The CSS selectors the rewriter hands to lol_html. Forms cost a selector match per `<form>`;
-/// they are only asked for when a partner wants them. (Public so the benchmark can measure
-/// lol_html with exactly these selectors and no work in the handler.)
+/// they are only asked for when a partner wants them. `template` is there because a `<base>` in
+/// a template's contents is not the document's. (Public so the benchmark can measure lol_html with
+/// exactly these selectors and no work in the handler.)
 pub fn selectors(forms: bool) -> &'static str {
     if forms {
-        "a[href], area[href], base[href], form"
+        "a[href], area[href], base[href], template, form"
     } else {
-        "a[href], area[href], base[href]"
+        "a[href], area[href], base[href], template"
     }
 }
 
@@ -135,15 +116,33 @@ type Sink = Box<dyn FnMut(&[u8]) + Send>;
 /// The largest piece of input handed to lol_html in one call.
 const MAX_WRITE: usize = 16 * 1024;
 
+/// The namespace of HTML elements; a `base` in SVG or MathML content is no base element.
+const HTML_NAMESPACE: &str = "http://www.w3.org/1999/xhtml";
+
 /// One page's rewriter. Feed it with [`PageRewriter::write`] and finish with
 /// [`PageRewriter::end`]; each returns the output bytes that are ready.
 pub struct PageRewriter {
-    /// `None` once ended, or after a bail-out: from then on input passes straight through.
-    inner: Option<HtmlRewriter<'static, Sink>>,
+    state: State,
     /// Where lol_html's sink puts output until the caller takes it. The sink lives inside the
     /// rewriter, so the buffer has to be shared; the lock is never contended.
     out: Arc<Mutex<BytesMut>>,
     stats: Arc<RewriteStats>,
+}
+
+enum State {
+    /// The first bytes of the page, held until they say how to read it: three for a byte order
+    /// mark, and for a page that declares no charset up to its `<meta>`, its first link or 1024
+    /// bytes (see [`charset::sniff`]). Browsers wait for the same bytes before they decode.
+    Sniffing {
+        held: Vec<u8>,
+        links: Box<LinkHandler>,
+        charset: Charset,
+        memory_limit: usize,
+    },
+    /// Boxed: lol_html's rewriter is large, and the state is moved when sniffing ends.
+    Rewriting(Box<HtmlRewriter<'static, Sink>>),
+    /// Ended, bailed out, or a page that cannot be rewritten: input passes straight through.
+    Passing,
 }
 
 impl PageRewriter {
@@ -161,43 +160,25 @@ impl PageRewriter {
         page: Page,
         stats: Arc<RewriteStats>,
     ) -> PageRewriter {
-        let out = Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024)));
-
-        let sink_out = Arc::clone(&out);
-        let sink: Sink = Box::new(move |chunk: &[u8]| {
-            lock(&sink_out).extend_from_slice(chunk);
-        });
-
-        let mut links = LinkHandler {
+        let links = LinkHandler {
             decorator,
             id,
             page_url: page.url,
-            base: None,
-            base_seen: false,
+            encoding: encoding_rs::UTF_8,
+            guessed: false,
+            declared_at: 0,
+            base: Base::None,
+            templates: Arc::new(AtomicUsize::new(0)),
             stats: Arc::clone(&stats),
         };
-        let (encoding, adjust_on_meta) = match page.charset {
-            Charset::Declared(e) => (e, false),
-            Charset::Sniffed => (encoding_rs::UTF_8, true),
-        };
-        let selector = selectors(links.decorator.partners.any_forms());
-        let settings = Settings::new_send()
-            .append_element_content_handler(element!(selector, move |el| {
-                links.handle(el);
-                Ok(())
-            }))
-            .with_encoding(AsciiCompatibleEncoding::new(encoding).expect("checked by charset_of"))
-            .with_adjust_charset_on_meta_tag(adjust_on_meta)
-            // Ambiguous markup must never cut a page short: parse it the way browsers most likely do.
-            .with_strict(false)
-            .with_memory_settings(
-                MemorySettings::new()
-                    .with_max_allowed_memory_usage(page.memory_limit)
-                    .with_graceful_bail_out_on_memory_limit_exceeded(true),
-            );
         PageRewriter {
-            inner: Some(HtmlRewriter::new(settings, sink)),
-            out,
+            state: State::Sniffing {
+                held: Vec::new(),
+                links: Box::new(links),
+                charset: page.charset,
+                memory_limit: page.memory_limit,
+            },
+            out: Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024))),
             stats,
         }
     }
@@ -206,11 +187,105 @@ impl PageRewriter {
         Arc::clone(&self.stats)
     }
 
-    /// Feeds one chunk of the page and returns whatever output is ready (possibly nothing: lol_html
-    /// holds back a tag that is split across chunks).
+    /// Feeds one chunk of the page and returns whatever output is ready (possibly nothing: the
+    /// first bytes are held until the encoding is known, and lol_html holds back a tag that is
+    /// split across chunks).
     pub fn write(&mut self, chunk: &[u8]) -> Bytes {
+        if let State::Sniffing { held, .. } = &mut self.state {
+            held.extend_from_slice(chunk);
+            return match self.decide(false) {
+                Some(held) => self.feed(&held),
+                None => Bytes::new(),
+            };
+        }
+        self.feed(chunk)
+    }
+
+    /// Ends the page and returns the last output.
+    pub fn end(&mut self) -> Bytes {
+        let mut ready = match self.decide(true) {
+            Some(held) => BytesMut::from(&self.feed(&held)[..]),
+            None => BytesMut::new(),
+        };
+        if let State::Rewriting(rewriter) = std::mem::replace(&mut self.state, State::Passing) {
+            if rewriter.end().is_err() {
+                self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        ready.extend_from_slice(&self.take());
+        ready.freeze()
+    }
+
+    /// While sniffing: when the held bytes (and `ended`) decide the page's encoding, starts
+    /// rewriting or passing through and returns the held bytes to feed; `None` otherwise.
+    fn decide(&mut self, ended: bool) -> Option<Vec<u8>> {
+        let State::Sniffing { held, charset, .. } = &self.state else {
+            return None;
+        };
+        let reading = charset::sniff(*charset, held, ended)?;
+        let State::Sniffing {
+            held,
+            mut links,
+            memory_limit,
+            ..
+        } = std::mem::replace(&mut self.state, State::Passing)
+        else {
+            unreachable!("matched just above");
+        };
+        if let Reading::Rewrite {
+            encoding,
+            confidence,
+            declared_at,
+        } = reading
+        {
+            // `sniff` only answers `Rewrite` with an ASCII-compatible encoding; a `Page` built
+            // by hand with another one passes through like any page the rewriter cannot read.
+            if let Some(ascii_compatible) = AsciiCompatibleEncoding::new(encoding) {
+                links.encoding = encoding;
+                links.guessed = confidence == Confidence::Guessed;
+                links.declared_at = declared_at;
+                let rewriter = self.rewriter(links, ascii_compatible, memory_limit);
+                self.state = State::Rewriting(Box::new(rewriter));
+            }
+        }
+        Some(held)
+    }
+
+    fn rewriter(
+        &self,
+        mut links: Box<LinkHandler>,
+        encoding: AsciiCompatibleEncoding,
+        memory_limit: usize,
+    ) -> HtmlRewriter<'static, Sink> {
+        let sink_out = Arc::clone(&self.out);
+        let sink: Sink = Box::new(move |chunk: &[u8]| {
+            lock(&sink_out).extend_from_slice(chunk);
+        });
+        let selector = selectors(links.decorator.partners.any_forms());
+        let settings = Settings::new_send()
+            .append_element_content_handler(element!(selector, move |el| {
+                links.handle(el);
+                Ok(())
+            }))
+            .with_encoding(encoding)
+            // The encoding is decided before the first byte reaches lol_html, by the standard's
+            // rules (which lol_html's own `<meta>` switch does not follow: it would honour
+            // x-user-defined, skip a UTF-16 label and look past the first 1024 bytes).
+            .with_adjust_charset_on_meta_tag(false)
+            // Ambiguous markup must never cut a page short: parse it the way browsers most likely do.
+            .with_strict(false)
+            .with_memory_settings(
+                MemorySettings::new()
+                    .with_max_allowed_memory_usage(memory_limit)
+                    .with_graceful_bail_out_on_memory_limit_exceeded(true),
+            );
+        HtmlRewriter::new(settings, sink)
+    }
+
+    /// Feeds bytes to lol_html (or straight through) and returns the output that is ready.
+    fn feed(&mut self, chunk: &[u8]) -> Bytes {
         let mut rest = chunk;
-        while let Some(rewriter) = &mut self.inner {
+        while let State::Rewriting(rewriter) = &mut self.state {
             if rest.is_empty() {
                 return self.take();
             }
@@ -221,23 +296,13 @@ impl PageRewriter {
             if rewriter.write(piece).is_err() {
                 // With graceful bail-out lol_html has already flushed every byte it held,
                 // unmodified; only the rewriter is lost, never content.
-                self.inner = None;
+                self.state = State::Passing;
                 self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
             }
         }
         let mut ready = self.take_mut();
         ready.extend_from_slice(rest);
         ready.freeze()
-    }
-
-    /// Ends the page and returns the last output.
-    pub fn end(&mut self) -> Bytes {
-        if let Some(rewriter) = self.inner.take() {
-            if rewriter.end().is_err() {
-                self.stats.bailed_out.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.take()
     }
 
     fn take_mut(&self) -> BytesMut {
@@ -249,38 +314,44 @@ impl PageRewriter {
     }
 }
 
-/// An attribute value escaped for HTML and written in ASCII alone: non-ASCII characters become
-/// numeric character references. The value means the same to the browser in every page
-/// encoding, and the bytes are the same whatever encoding lol_html writes the page in (which a
-/// recorded rewrite relies on: see `splice`).
-pub fn ascii_attribute(value: &str) -> String {
-    let escaped = htmlize::escape_attribute(value);
-    let mut out = String::with_capacity(escaped.len());
-    for c in escaped.chars() {
-        if c.is_ascii() {
-            out.push(c);
-        } else {
-            out.push_str(&format!("&#{};", u32::from(c)));
-        }
-    }
-    out
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Nothing in this module panics while holding the lock; if something ever did, the bytes are
     // still the bytes, so keep going rather than poison every later page.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The per-page state of the `a`/`area`/`base` handler.
+/// The document's base URL as far as the page has shown it.
+enum Base {
+    /// No `<base href>` yet: links resolve against the page's URL.
+    None,
+    /// The first `<base href>`, resolved against the page URL (or the page URL itself when it
+    /// does not parse, as browsers fall back to it), as Chromium reads it: its query in UTF-8.
+    /// `in_page` is the same base with its query in the page's encoding, as the HTML standard
+    /// and Firefox read it, when that differs (non-ASCII in the query of a page that is not
+    /// UTF-8): a link is then only changed where both readings change it alike.
+    Url { url: Url, in_page: Option<Url> },
+    /// The first `<base href>` has text the rewriter cannot be sure to read as the browser does
+    /// (bytes invalid in the page's encoding, or non-ASCII in a guessed encoding): only links
+    /// that do not depend on it are read.
+    Unreadable,
+}
+
+/// The per-page state of the `a`/`area`/`base`/`template`/`form` handler.
 struct LinkHandler {
     decorator: Arc<Decorator>,
     id: Option<VisitorId>,
     page_url: Url,
-    /// The first `<base href>`, resolved against the page URL.
-    base: Option<Url>,
-    /// Only the first `<base href>` counts, even when it is unusable.
-    base_seen: bool,
+    /// The page's encoding: attributes are read and written in it, and it encodes the query of a
+    /// URL written out in full.
+    encoding: &'static Encoding,
+    /// The encoding is the default, not named by anything: non-ASCII text is not read.
+    guessed: bool,
+    /// No tag that starts before this offset changes (see [`Reading::Rewrite`]).
+    declared_at: usize,
+    base: Base,
+    /// How many HTML `template` elements are open: their contents are not in the document, so a
+    /// `<base>` there is not the document's. Shared with the end-tag handlers that decrement it.
+    templates: Arc<AtomicUsize>,
     stats: Arc<RewriteStats>,
 }
 
@@ -288,29 +359,63 @@ impl LinkHandler {
     fn handle(&mut self, el: &mut Element<'_, '_>) {
         match el.tag_name().as_str() {
             "base" => self.set_base(el),
+            "template" => self.template(el),
             "form" => self.form(el),
             _ => self.link(el),
         }
     }
 
-    fn set_base(&mut self, el: &Element<'_, '_>) {
-        if self.base_seen {
+    fn template(&mut self, el: &mut Element<'_, '_>) {
+        if el.namespace_uri() != HTML_NAMESPACE {
             return;
         }
-        self.base_seen = true;
-        if let Some(raw) = el.get_attribute("href") {
-            let href = htmlize::unescape_attribute(raw.as_str());
-            // The URL parser strips surrounding C0 controls and spaces, HTML's whitespace included.
-            self.base = self.page_url.join(&href).ok();
+        let depth = Arc::clone(&self.templates);
+        let registered = el.on_end_tag(Box::new(move |_| {
+            depth.fetch_sub(1, Ordering::Relaxed);
+            Ok(())
+        }));
+        if registered.is_ok() {
+            self.templates.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// The attribute's value as the browser reads it, unless it leaves the page or cannot be
-    /// written back faithfully.
-    fn target(&self, el: &Element<'_, '_>, attribute: &str) -> Option<String> {
+    /// The document's base URL is the first HTML `base` element with an `href` in the document:
+    /// not one in SVG or MathML content, not one in a template's contents.
+    fn set_base(&mut self, el: &Element<'_, '_>) {
+        if !matches!(self.base, Base::None)
+            || el.namespace_uri() != HTML_NAMESPACE
+            || self.templates.load(Ordering::Relaxed) > 0
+        {
+            return;
+        }
+        let Some(href) = self.readable(el, "href") else {
+            self.base = Base::Unreadable;
+            return;
+        };
+        // The URL parser strips surrounding C0 controls and spaces, HTML's whitespace included.
+        // A base that does not parse leaves the page's URL in force, as in browsers. (The
+        // encoding only changes the query, so both readings parse or neither does.)
+        self.base = match (
+            self.page_url.join(&href),
+            decorate::join(&self.page_url, &href, self.encoding),
+        ) {
+            (Ok(url), Ok(in_page)) => {
+                let in_page = (in_page != url).then_some(in_page);
+                Base::Url { url, in_page }
+            }
+            _ => Base::Url {
+                url: self.page_url.clone(),
+                in_page: None,
+            },
+        };
+    }
+
+    /// The attribute's value as the browser reads it (entities decoded), unless the rewriter
+    /// cannot be sure it reads it the same: bytes not valid in the page's encoding (lol_html gives
+    /// U+FFFD for them, and writing the value back would replace them), or non-ASCII text in an
+    /// encoding that is only a guess (another guess reads other characters, even another host).
+    fn readable(&self, el: &Element<'_, '_>, attribute: &str) -> Option<String> {
         let raw = el.get_attribute(attribute)?;
-        // U+FFFD means bytes that are not valid in the page's encoding: writing the attribute
-        // back would replace them, so such a link is left alone.
         if raw.contains('\u{FFFD}') {
             return None;
         }
@@ -318,30 +423,51 @@ impl LinkHandler {
             std::borrow::Cow::Borrowed(_) => raw,
             std::borrow::Cow::Owned(decoded) => decoded,
         };
-        if decorate::is_fragment_only(&value) && same_document(self.base(), &self.page_url) {
+        // A character reference is decoded the same in every encoding, but a non-ASCII one in a
+        // query written out in full would be percent-encoded in the guessed encoding.
+        if self.guessed && !value.is_ascii() {
             return None;
         }
         Some(value)
     }
 
-    /// The URL relative links resolve against: the first `<base href>`, else the page's URL.
-    fn base(&self) -> &Url {
-        self.base.as_ref().unwrap_or(&self.page_url)
+    /// The link an attribute holds, if the rewriter may change it and can read it as the browser
+    /// does, and it leaves the page; with the base it resolves against, and the other reading
+    /// of that base if browsers differ on it.
+    fn target(
+        &self,
+        el: &Element<'_, '_>,
+        attribute: &str,
+    ) -> Option<(String, &Url, Option<&Url>)> {
+        if el.source_location().bytes().start < self.declared_at {
+            return None;
+        }
+        let value = self.readable(el, attribute)?;
+        let (base, other) = match &self.base {
+            Base::None => (&self.page_url, None),
+            Base::Url { url, in_page } => (url, in_page.as_ref()),
+            Base::Unreadable if decorate::is_absolute_http(&value) => (&self.page_url, None),
+            Base::Unreadable => return None,
+        };
+        if decorate::is_fragment_only(&value) && same_document(base, &self.page_url) {
+            return None;
+        }
+        Some((value, base, other))
     }
 
     fn link(&mut self, el: &mut Element<'_, '_>) {
-        let Some(href) = self.target(el, "href") else {
+        let Some((href, base, other)) = self.target(el, "href") else {
             return;
         };
-        let (href, partner) =
-            match self
-                .decorator
-                .decorate_link(&href, self.base(), self.id.as_ref())
-            {
-                Outcome::Decorated { href, partner } => (href, partner),
-                Outcome::Redirected { href, partner } => (self.on_this_site(href), partner),
-                _ => return,
-            };
+        let decorate = |base: &Url| {
+            self.decorator
+                .decorate_link(&href, base, self.encoding, self.id.as_ref())
+        };
+        let (href, partner) = match agreed(base, other, decorate) {
+            Some(Outcome::Decorated { href, partner }) => (href, partner),
+            Some(Outcome::Redirected { href, partner }) => (self.on_this_site(href), partner),
+            _ => return,
+        };
         // lol_html escapes `"` in attribute values but not `&`, so the text written back means
         // exactly `href` to the browser.
         if el
@@ -356,7 +482,7 @@ impl LinkHandler {
     /// another origin would otherwise send it there.
     fn on_this_site(&self, path: String) -> String {
         match &self.base {
-            Some(base) if base.origin() != self.page_url.origin() => {
+            Base::Url { url: base, .. } if base.origin() != self.page_url.origin() => {
                 format!("{}{path}", self.page_url.origin().ascii_serialization())
             }
             _ => path,
@@ -370,10 +496,9 @@ impl LinkHandler {
         let Some(id) = self.id.as_ref() else {
             return;
         };
-        let Some(action) = self.target(el, "action") else {
+        let Some((action, base, other)) = self.target(el, "action") else {
             return;
         };
-        let base = self.base();
         let Some(partner) = self.decorator.partner_of(&action, base) else {
             return;
         };
@@ -388,15 +513,15 @@ impl LinkHandler {
             .to_ascii_lowercase();
         match method.as_str() {
             "post" => {
-                if let Outcome::Decorated { href, .. } = self.decorator.decorate(&action, base, id)
+                let decorate =
+                    |base: &Url| self.decorator.decorate_in(&action, base, self.encoding, id);
+                let Some(Outcome::Decorated { href, .. }) = agreed(base, other, decorate) else {
+                    return;
+                };
+                if el
+                    .set_attribute("action", &href.replace('&', "&amp;"))
+                    .is_err()
                 {
-                    if el
-                        .set_attribute("action", &href.replace('&', "&amp;"))
-                        .is_err()
-                    {
-                        return;
-                    }
-                } else {
                     return;
                 }
             }
@@ -414,6 +539,35 @@ impl LinkHandler {
         }
         self.stats.links[partner].fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// What `decorate` does to a link against its base, unless browsers read the base two ways
+/// (`other`) and the two readings give different results: then nobody can say which one the
+/// browser will follow, and the link is left alone (`None`).
+fn agreed(base: &Url, other: Option<&Url>, decorate: impl Fn(&Url) -> Outcome) -> Option<Outcome> {
+    let outcome = decorate(base);
+    match other {
+        Some(other) if decorate(other) != outcome => None,
+        _ => Some(outcome),
+    }
+}
+
+/// `text` as a double-quoted attribute value that reads the same in every ASCII-compatible
+/// encoding: markup characters and everything non-ASCII as character references, so the value
+/// does not depend on the page's encoding being the one the browser chose (and the bytes are the
+/// same whatever encoding lol_html writes the page in, which a recorded rewrite relies on: see
+/// `splice`).
+pub fn ascii_attribute(text: &str) -> String {
+    let escaped = htmlize::escape_attribute(text);
+    let mut out = String::with_capacity(escaped.len());
+    for c in escaped.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let _ = write!(out, "&#{};", u32::from(c));
+        }
+    }
+    out
 }
 
 /// Whether two URLs name the same document (they may differ in their fragment).
@@ -441,25 +595,4 @@ pub fn rewrite_chunks(
     }
     out.extend_from_slice(&rewriter.end());
     (out, rewriter.stats())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn charset_from_content_type() {
-        assert_eq!(charset_of("text/html"), Ok(Charset::Sniffed));
-        assert_eq!(
-            charset_of("text/html; charset=Shift_JIS"),
-            Ok(Charset::Declared(encoding_rs::SHIFT_JIS))
-        );
-        assert_eq!(
-            charset_of("text/html;CHARSET=\"windows-1252\""),
-            Ok(Charset::Declared(encoding_rs::WINDOWS_1252))
-        );
-        assert!(charset_of("text/html; charset=utf-16").is_err());
-        assert!(charset_of("text/html; charset=iso-2022-jp").is_err());
-        assert!(charset_of("text/html; charset=klingon").is_err());
-    }
 }

@@ -13,7 +13,15 @@
 //! If `/usr/bin/chromium` or `/usr/bin/chromedriver` is missing the test installs them with
 //! apt-get when it runs as root, and fails with the command to run otherwise (see
 //! `browser/webdriver.rs`). Run with `cargo test --test browser`.
+//!
+//! The last test is the oracle of page reading: the fixtures and the corpus pages, each loaded
+//! straight from the origin and through the proxy, compared link by link as Chromium resolves
+//! them (`browser/oracle.rs`).
 
+#[path = "../benches/common/mod.rs"]
+mod common;
+#[path = "browser/oracle.rs"]
+mod oracle;
 mod support;
 #[path = "browser/webdriver.rs"]
 mod webdriver;
@@ -262,4 +270,12 @@ async fn named_id_with_at_sign_reaches_the_partner_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn id_that_needs_encoding_reaches_the_partner_page() {
     journey("km_ai", "é & ü ?#%").await;
+}
+
+/// Chromium reads every fixture page and every corpus page the same through the proxy as
+/// straight from the origin, apart from partner links gaining exactly one `kmi` (see
+/// `browser/oracle.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_reads_every_page_alike_through_the_proxy() {
+    oracle::run(HOST_RULES).await;
 }

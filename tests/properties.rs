@@ -1,9 +1,11 @@
 //! Property tests of the pure core: which links count as partner links, what decoration does to a
-//! partner URL (checked with the `url` crate as an independent reader), and the URL form of an ID.
+//! partner URL (checked with the `url` crate as an independent reader), the URL form of an ID, and
+//! that the encoding sniffer's answer does not depend on how a page's bytes arrive.
 //!
 //! Case counts are kept moderate so the file runs in a few seconds in a debug build; raise them
 //! for a longer hunt with `PROPTEST_CASES=20000 cargo test --test properties`.
 
+use kmi_proxy::charset::{self, Charset};
 use kmi_proxy::decorate::{Decorator, Existing, Outcome};
 use kmi_proxy::identity::{VisitorId, MAX_ID_BYTES};
 use kmi_proxy::partner::{DomainPattern, PartnerSet};
@@ -558,5 +560,73 @@ fn whitespace_only_href_on_a_partner_page() {
     for href in [" ", "\t", "\n \r\n"] {
         let outcome = std::panic::catch_unwind(|| decorator().decorate(href, &base, &id));
         assert!(outcome.is_ok(), "decorate({href:?}) panicked");
+    }
+}
+
+/// Pages as the encoding sniffer meets them: markup that looks like declarations (metas with and
+/// without labels, comments, attributes quoting a meta), links and forms (which end the wait),
+/// byte order marks, and arbitrary bytes.
+fn page_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just(b"<meta charset=".to_vec()),
+        Just(b"<meta http-equiv=content-type content='text/html; charset=".to_vec()),
+        Just(b"<META CHARSET=\"".to_vec()),
+        Just(b"<meta charset=euc-kr>".to_vec()),
+        Just(b"<a href=x>".to_vec()),
+        Just(b"<FORM".to_vec()),
+        Just(b"</a>".to_vec()),
+        Just(b"<!--".to_vec()),
+        Just(b"-->".to_vec()),
+        Just(b"<p title='".to_vec()),
+        Just(b"'".to_vec()),
+        Just(b"\"".to_vec()),
+        Just(b">".to_vec()),
+        Just(b" ".to_vec()),
+        Just(b"\xEF\xBB\xBF".to_vec()),
+        Just(b"\xFF\xFE".to_vec()),
+        prop::sample::select(vec![
+            "utf-8",
+            "euc-kr",
+            "x-user-defined",
+            "utf-16",
+            "klingon"
+        ])
+        .prop_map(|l| l.as_bytes().to_vec()),
+        Just(b"x".repeat(300)),
+        prop::collection::vec(any::<u8>(), 0..8),
+    ];
+    // Text before the markup, to put declarations around the end of the prescan's 1024 bytes.
+    let filler = prop::sample::select(vec![0usize, 0, 990, 1010, 1030]);
+    (filler, prop::collection::vec(piece, 0..24))
+        .prop_map(|(filler, pieces)| [b"x".repeat(filler), pieces.concat()].concat())
+}
+
+proptest! {
+    #![proptest_config(cases(2048))]
+
+    /// What the sniffer decides from the first bytes it is the answer for the whole page: the
+    /// rewriter holds bytes only until `sniff` answers, so an answer from a prefix must never
+    /// differ from the one the whole page gives, or the same page would be read differently
+    /// depending on how the origin's bytes arrive.
+    #[test]
+    fn sniffing_decides_from_a_prefix_what_the_whole_page_decides(
+        page in page_bytes(),
+        cut in any::<prop::sample::Index>(),
+        declared in prop::sample::select(vec![
+            Charset::Sniffed,
+            Charset::Xml,
+            Charset::Declared(encoding_rs::WINDOWS_1252),
+        ]),
+    ) {
+        let whole = charset::sniff(declared, &page, true);
+        prop_assert!(whole.is_some(), "a whole page always decides");
+        let cut = cut.index(page.len() + 1);
+        if let Some(early) = charset::sniff(declared, &page[..cut], false) {
+            prop_assert_eq!(early, whole.unwrap(), "decided after {} of {} bytes", cut, page.len());
+        }
+        // Never more than the prescan's window is needed.
+        if page.len() >= charset::PRESCAN_BYTES {
+            prop_assert!(charset::sniff(declared, &page, false).is_some());
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! What the benchmarks share about the page corpus. Included by `rewrite.rs` and `transport.rs`
-//! with `mod common;` (a directory, so cargo does not take it for a benchmark of its own).
+//! What the benchmarks and the browser oracle share about the page corpus. Included by the
+//! benches `rewrite.rs` and `transport.rs` with `mod common;` (a directory, so cargo does not take
+//! it for a benchmark of its own), and by `tests/browser.rs` through a `#[path]`.
 
 use std::path::{Path, PathBuf};
 
