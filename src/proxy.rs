@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use url::Url;
 
 use crate::access_log::AccessLog;
-use crate::body::ResponseBody;
+use crate::body::{self, ResponseBody, RewriteBudget};
 use crate::coding::{self, Coding};
 use crate::config::Config;
 use crate::decorate::Outcome;
@@ -55,6 +55,8 @@ pub struct Proxy {
     /// requests finish with the configuration they began under.
     current: ArcSwap<Snapshot>,
     metrics: Arc<Metrics>,
+    /// Pages being rewritten at once, across every connection (see [`RewriteBudget`]).
+    rewrites: RewriteBudget,
 }
 
 /// A configuration and the origin client built for it.
@@ -170,6 +172,7 @@ impl Proxy {
         Proxy {
             current: ArcSwap::from_pointee(Snapshot::new(config)),
             metrics: Arc::new(Metrics::new()),
+            rewrites: RewriteBudget::new(body::MAX_REWRITES, body::REWRITE_WAIT),
         }
     }
 
@@ -439,6 +442,7 @@ impl Proxy {
                     UpstreamBody::new(body, config.timeouts.upstream_body_idle),
                     rewriter,
                     coding,
+                    &self.rewrites,
                     log,
                 )
             }
