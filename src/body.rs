@@ -21,10 +21,6 @@ use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Pages rewritten at once, across all connections, by default. Each costs its rewriter's and
-/// codec's state (measured per stream by `benches/capacity.sh`); this bounds their sum.
-pub const MAX_REWRITES: usize = 256;
-
 /// How long a page waits for a rewrite slot before it is sent as the origin sent it.
 pub const REWRITE_WAIT: Duration = Duration::from_secs(1);
 
@@ -431,10 +427,7 @@ impl Rewriting {
 
     /// A corrupt, truncated or runaway compressed body: the client's response ends in an error,
     /// so it is never mistaken for a complete page.
-    fn fail(
-        &mut self,
-        e: impl Into<BoxError>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.ended = true;
         self.trailers = None;
         self.codec = None;

@@ -291,7 +291,8 @@ impl Decoder {
                 // A zlib header (RFC 1950): method 8, a window of at most 32 KiB, and a check
                 // value that makes the pair a multiple of 31. Raw deflate's first block header
                 // can look like one only by accident, which browsers accept too.
-                let zlib = a & 0x0f == 8 && a >> 4 <= 7 && (u16::from(a) << 8 | u16::from(b)) % 31 == 0;
+                let zlib =
+                    a & 0x0f == 8 && a >> 4 <= 7 && (u16::from(a) << 8 | u16::from(b)) % 31 == 0;
                 let mut d = flate2::Decompress::new(zlib);
                 if let Some(a) = *first {
                     // The byte held back while sniffing goes in first.
@@ -337,9 +338,8 @@ impl Decoder {
                         self.state = State::Done;
                         Ok((input.len(), out_at))
                     }
-                    brotli::BrotliResult::NeedsMoreInput | brotli::BrotliResult::NeedsMoreOutput => {
-                        Ok((in_at, out_at))
-                    }
+                    brotli::BrotliResult::NeedsMoreInput
+                    | brotli::BrotliResult::NeedsMoreOutput => Ok((in_at, out_at)),
                 }
             }
             State::Zstd {
@@ -381,14 +381,26 @@ struct Gzip {
 
 enum GzStage {
     /// The fixed 10-byte part of the header, collected across chunks.
-    Fixed { bytes: [u8; 10], have: usize },
+    Fixed {
+        bytes: [u8; 10],
+        have: usize,
+    },
     /// The optional parts, in order, as flags still to skip; `left` counts the bytes still to
     /// skip of the extra field or the header CRC.
-    Optional { flags: u8, xlen: XLen, left: usize },
+    Optional {
+        flags: u8,
+        xlen: XLen,
+        left: usize,
+    },
     Body,
-    Trailer { bytes: [u8; 8], have: usize },
+    Trailer {
+        bytes: [u8; 8],
+        have: usize,
+    },
     /// Between members: the bytes seen so far of what may be the next one's magic number.
-    Between { first: Option<u8> },
+    Between {
+        first: Option<u8>,
+    },
     Ignoring,
 }
 

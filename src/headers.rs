@@ -243,7 +243,10 @@ mod tests {
     fn targeted_cache_fields_become_private_or_no_store() {
         let mut h = map(&[
             ("cdn-cache-control", "public, max-age=600"),
-            ("cloudflare-cdn-cache-control", "max-age=86400, s-maxage=86400"),
+            (
+                "cloudflare-cdn-cache-control",
+                "max-age=86400, s-maxage=86400",
+            ),
             ("surrogate-control", "max-age=3600"),
             ("edge-control", "!no-store, max-age=1h"),
             ("x-accel-expires", "600"),

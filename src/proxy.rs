@@ -170,9 +170,9 @@ fn may_be_rewritten(method: &Method, headers: &HeaderMap) -> bool {
 impl Proxy {
     pub fn new(config: Arc<Config>) -> Proxy {
         Proxy {
+            rewrites: RewriteBudget::new(config.limits.max_rewrites, body::REWRITE_WAIT),
             current: ArcSwap::from_pointee(Snapshot::new(config)),
             metrics: Arc::new(Metrics::new()),
-            rewrites: RewriteBudget::new(body::MAX_REWRITES, body::REWRITE_WAIT),
         }
     }
 
@@ -190,7 +190,7 @@ impl Proxy {
     pub fn reload(&self, config: Config) -> Vec<String> {
         let old = self.config();
         // Settings read once when the server starts: a change needs a restart.
-        let start_only: [(&str, ReadSetting); 8] = [
+        let start_only: [(&str, ReadSetting); 9] = [
             ("listen", |c| format!("{:?}", c.listen)),
             ("listen_tls", |c| format!("{:?}", c.listen_tls)),
             ("admin.listen", |c| format!("{:?}", c.admin)),
@@ -200,6 +200,7 @@ impl Proxy {
             ("limits.max_header_bytes", |c| {
                 c.limits.max_header_bytes.to_string()
             }),
+            ("limits.max_rewrites", |c| c.limits.max_rewrites.to_string()),
             ("timeouts.client_header", |c| {
                 format!("{:?}", c.timeouts.client_header)
             }),

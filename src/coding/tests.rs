@@ -33,7 +33,11 @@ fn decode(coding: Coding, input: &[u8], chunk: usize) -> Result<Vec<u8>, DecodeE
         let mut rest = c;
         loop {
             let slice = d.decode(&mut rest)?;
-            assert!(slice.len() <= SLICE, "{coding:?}: a slice of {}", slice.len());
+            assert!(
+                slice.len() <= SLICE,
+                "{coding:?}: a slice of {}",
+                slice.len()
+            );
             if slice.is_empty() {
                 assert!(rest.is_empty(), "{coding:?}: empty slice with input left");
                 break;
@@ -132,7 +136,14 @@ fn gzip_members_follow_one_another() {
 
 #[test]
 fn bytes_after_the_last_gzip_member_are_ignored() {
-    for trailer in [&b"\n"[..], b"\r\n", b"\x1f", b"\x1f\x8b", b"garbage", b"\0\0\0\0"] {
+    for trailer in [
+        &b"\n"[..],
+        b"\r\n",
+        b"\x1f",
+        b"\x1f\x8b",
+        b"garbage",
+        b"\0\0\0\0",
+    ] {
         let mut body = gzip(b"<p>page</p>");
         body.extend_from_slice(trailer);
         for chunk in [1, 2, 1000] {
@@ -247,13 +258,23 @@ fn a_large_page_that_compresses_normally_is_not_a_bomb() {
     while input.len() < 24 << 20 {
         i += 1;
         input.extend_from_slice(
-            format!("<p id=\"{i}\">{:x} <a href=\"/{}\">x</a></p>\n", i * 2654435761, i % 977)
-                .as_bytes(),
+            format!(
+                "<p id=\"{i}\">{:x} <a href=\"/{}\">x</a></p>\n",
+                i * 2654435761,
+                i % 977
+            )
+            .as_bytes(),
         );
     }
     let encoded = gzip(&input);
-    assert!(encoded.len() as u64 * MAX_RATIO > input.len() as u64, "the test page compresses too well");
-    assert_eq!(decode(Coding::Gzip, &encoded, 64 * 1024).unwrap().len(), input.len());
+    assert!(
+        encoded.len() as u64 * MAX_RATIO > input.len() as u64,
+        "the test page compresses too well"
+    );
+    assert_eq!(
+        decode(Coding::Gzip, &encoded, 64 * 1024).unwrap().len(),
+        input.len()
+    );
 }
 
 #[test]
