@@ -278,6 +278,19 @@ fn a_large_page_that_compresses_normally_is_not_a_bomb() {
 }
 
 #[test]
+fn windows_larger_than_http_allows_are_refused() {
+    // A zstd frame that asks for a 32 MiB window (RFC 9659 allows 8 MiB).
+    let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    e.window_log(25).unwrap();
+    e.long_distance_matching(true).unwrap();
+    e.include_contentsize(false).unwrap();
+    e.write_all(&page()).unwrap();
+    let body = e.finish().unwrap();
+    let error = decode(Coding::Zstd, &body, 1000).unwrap_err();
+    assert_eq!(error.kind, DecodeErrorKind::Corrupt, "{error}");
+}
+
+#[test]
 fn content_encoding_header_is_read() {
     let mut h = HeaderMap::new();
     assert_eq!(of(&h), Encoding::Identity);
