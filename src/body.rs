@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access_log::AccessLog;
-use crate::coding::{Coding, DecodeError, Decoder, Encoder};
+use crate::coding::{self, Coding, DecodeError, Decoder, Encoder};
 use crate::rewrite::PageRewriter;
 use crate::upstream::UpstreamBody;
 
@@ -78,6 +78,10 @@ struct Rewriting {
     /// waiting in the queue holds no codec state.
     coding: Option<Coding>,
     codec: Option<Box<Codec>>,
+    /// An uncompressed page's bytes received but not yet rewritten: fed one slice per step, so
+    /// a large frame from the origin neither takes one long step nor grows the rewriter's output
+    /// buffer to the frame's size.
+    unread: Bytes,
     /// Waiting for a rewrite slot (`None` once it has one or gave up).
     acquiring: Option<Acquiring>,
     /// The rewrite slot, held until the body is done.
@@ -195,6 +199,7 @@ impl ResponseBody {
                 rewriter,
                 coding,
                 codec: None,
+                unread: Bytes::new(),
                 acquiring,
                 permit,
                 passthrough: false,
@@ -332,6 +337,16 @@ impl Rewriting {
                     self.codec = Some(Box::new(Codec::new(coding)));
                 }
             }
+            if !self.unread.is_empty() {
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                coop.made_progress();
+                let piece = self.unread.split_to(self.unread.len().min(coding::SLICE));
+                let out = self.rewriter.write(&piece);
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                continue;
+            }
             if let Some(codec) = self.codec.as_mut().filter(|c| c.more) {
                 // One slice per step, and a step counts against the task's cooperative budget:
                 // a page that inflates without end yields to other requests on this thread
@@ -368,7 +383,10 @@ impl Rewriting {
                             codec.take(data);
                             continue;
                         }
-                        None => self.rewriter.write(&data),
+                        None => {
+                            self.unread = data;
+                            continue;
+                        }
                     },
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
