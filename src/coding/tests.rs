@@ -303,3 +303,55 @@ fn content_encoding_header_is_read() {
     h.insert(CONTENT_ENCODING, "compress".parse().unwrap());
     assert_eq!(of(&h), Encoding::Unsupported);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the bytes and however they are split, every decoder gives back bounded
+        /// slices or a typed error: never a panic, never a hang.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(
+            bytes in proptest::collection::vec(any::<u8>(), 0..3000),
+            chunk in 1usize..300,
+            which in 0usize..4,
+        ) {
+            let _ = decode(ALL[which], &bytes, chunk);
+        }
+
+        /// Gzip members one after another, then any bytes that do not start another member,
+        /// decode to the members' contents at every split.
+        #[test]
+        fn gzip_members_and_trailing_bytes_decode_to_the_members(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..400), 1..4),
+            trailer in proptest::collection::vec(any::<u8>(), 0..12),
+            chunk in 1usize..200,
+        ) {
+            prop_assume!(!trailer.starts_with(&[0x1f, 0x8b]));
+            let mut body = Vec::new();
+            for p in &parts {
+                body.extend(gzip(p));
+            }
+            body.extend_from_slice(&trailer);
+            prop_assert_eq!(decode(Coding::Gzip, &body, chunk).unwrap(), parts.concat());
+        }
+
+        /// Raw and zlib-wrapped deflate both decode under `deflate`, at every split.
+        #[test]
+        fn deflate_raw_or_wrapped_decodes(
+            data in proptest::collection::vec(any::<u8>(), 0..2000),
+            chunk in 1usize..200,
+        ) {
+            let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+            raw.write_all(&data).unwrap();
+            let raw = raw.finish().unwrap();
+            let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            zlib.write_all(&data).unwrap();
+            let zlib = zlib.finish().unwrap();
+            prop_assert_eq!(&decode(Coding::Deflate, &raw, chunk).unwrap(), &data);
+            prop_assert_eq!(&decode(Coding::Deflate, &zlib, chunk).unwrap(), &data);
+        }
+    }
+}
