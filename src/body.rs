@@ -45,11 +45,6 @@ impl RewriteBudget {
             wait,
         }
     }
-
-    /// Slots free right now (for tests and metrics).
-    pub fn available(&self) -> usize {
-        self.permits.available_permits()
-    }
 }
 
 type Acquiring = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
