@@ -1,6 +1,7 @@
 //! Compressed pages from real origins, end to end (issue 13): the gzip and deflate variants
 //! browsers read, bodies that do not decode at all, decompression bombs, the rewrite budget, the
-//! cache fields a CDN obeys, and how a complete pass-through from an HTTP/2 origin is logged.
+//! cache fields a CDN obeys, how a complete pass-through from an HTTP/2 origin is logged, and the
+//! bound on requests in flight per HTTP/2 connection.
 //!
 //! Every origin speaks HTTP/1.1 on plain TCP or, over TLS with a private CA, HTTP/2; every client
 //! speaks HTTP/1.1 or h2c to the proxy. The access log is captured from `tracing` (one global
@@ -455,4 +456,39 @@ async fn a_complete_pass_through_from_an_http2_origin_is_logged_complete() {
     feed.finish();
     assert_eq!(line["fields"]["body"], "complete", "{line}");
     assert_eq!(line["fields"]["status"], 200, "{line}");
+}
+
+// The HTTP/2 stream bound ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_http2_connection_may_have_at_most_100_requests_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin().route("/", |_| Reply::html(PAGE)).start().await;
+    let proxy = proxy("", origin.addr).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame, then the server's SETTINGS frame: a 9-byte
+    // header (length, type 4, flags, stream 0) and 6-byte parameters.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let settings = within("the proxy's SETTINGS frame", async {
+        loop {
+            let mut head = [0u8; 9];
+            stream.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            stream.read_exact(&mut payload).await.unwrap();
+            // Type 4 is SETTINGS; flag 1 is an acknowledgement, which carries none.
+            if head[3] == 4 && head[4] & 1 == 0 {
+                return payload;
+            }
+        }
+    })
+    .await;
+    let max_streams = settings.chunks(6).find_map(|p| {
+        (u16::from_be_bytes([p[0], p[1]]) == 3)
+            .then(|| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+    });
+    assert_eq!(max_streams, Some(100), "SETTINGS_MAX_CONCURRENT_STREAMS");
 }
