@@ -197,7 +197,7 @@ async fn a_body_that_does_not_decode_goes_out_as_the_origin_sent_it() {
     }
 }
 
-/// 64 MiB of zeros as brotli: a few hundred bytes that inflate past the proxy's cap.
+/// 64 MiB of zeros as brotli: a few kilobytes that inflate past the proxy's cap.
 fn brotli_bomb() -> Bytes {
     let zeros = vec![0u8; 1 << 20];
     let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 1, 24);

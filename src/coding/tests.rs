@@ -218,7 +218,7 @@ fn deflate_is_read_raw_as_well_as_zlib_wrapped() {
 
 #[test]
 fn a_bomb_fails_after_a_bounded_amount_of_output() {
-    // 64 MiB of zeros in a few hundred bytes of brotli, and in 64 KiB of gzip (deflate's best
+    // 64 MiB of zeros in a few kilobytes of brotli, and in 64 KiB of gzip (deflate's best
     // ratio is about 1000:1).
     let zeros = vec![0u8; 1 << 20];
     let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 1, 24);
