@@ -610,7 +610,7 @@ pub struct Encoder(EncoderKind);
 enum EncoderKind {
     Gzip(GzipSegments),
     Deflate(flate2::write::ZlibEncoder<Vec<u8>>),
-    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+    Brotli(Box<BrotliStream>),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
 }
 
@@ -695,6 +695,105 @@ impl GzipSegments {
     }
 }
 
+type BrotliEncoderState = brotli::enc::encode::BrotliEncoderStateStruct<brotli::enc::StandardAlloc>;
+
+/// A brotli stream at quality 1, driven through the encoder's streaming interface so that its
+/// per-block buffers can be given back between chunks: at quality 1 each block is compressed on
+/// its own (no window, no state carried between blocks but the stream's framing), so the hash
+/// table and the output storage it keeps would otherwise be 100 KiB of nothing per paused
+/// stream. The encoder reallocates both when the next block needs them.
+struct BrotliStream {
+    state: BrotliEncoderState,
+}
+
+impl BrotliStream {
+    fn new() -> BrotliStream {
+        let mut state = BrotliEncoderState::new(brotli::enc::StandardAlloc::default());
+        use brotli::enc::encode::BrotliEncoderParameter as P;
+        state.set_parameter(P::BROTLI_PARAM_QUALITY, BROTLI_QUALITY);
+        state.set_parameter(P::BROTLI_PARAM_LGWIN, BROTLI_WINDOW_BITS);
+        BrotliStream { state }
+    }
+
+    /// Runs one operation to its end: all of `input` taken (process), everything flushed
+    /// (flush), or the stream ended (finish).
+    fn pump(
+        &mut self,
+        op: brotli::enc::encode::BrotliEncoderOperation,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        use brotli::enc::encode::BrotliEncoderOperation as Op;
+        let mut buf = [0u8; 4096];
+        let (mut avail_in, mut in_at) = (input.len(), 0);
+        loop {
+            let (mut avail_out, mut out_at, mut total) = (buf.len(), 0, None);
+            let ok = self.state.compress_stream(
+                op,
+                &mut avail_in,
+                input,
+                &mut in_at,
+                &mut avail_out,
+                &mut buf,
+                &mut out_at,
+                &mut total,
+                &mut |_, _, _, _| (),
+            );
+            out.extend_from_slice(&buf[..out_at]);
+            if !ok {
+                return Err(std::io::Error::other("the brotli encoder failed"));
+            }
+            let done = match op {
+                Op::BROTLI_OPERATION_FINISH => self.state.is_finished(),
+                _ => avail_in == 0 && !self.state.has_more_output(),
+            };
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
+        use brotli::enc::encode::BrotliEncoderOperation as Op;
+        let mut out = Vec::new();
+        for piece in chunk.chunks(BROTLI_PIECE) {
+            self.pump(Op::BROTLI_OPERATION_PROCESS, piece, &mut out)?;
+        }
+        self.pump(Op::BROTLI_OPERATION_FLUSH, &[], &mut out)?;
+        self.give_back_buffers();
+        Ok(out)
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.pump(
+            brotli::enc::encode::BrotliEncoderOperation::BROTLI_OPERATION_FINISH,
+            &[],
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Frees the block buffers once everything is flushed (nothing is pending in them then).
+    fn give_back_buffers(&mut self) {
+        use brotli::Allocator;
+        debug_assert!(!self.state.has_more_output());
+        let s = &mut self.state;
+        let table = std::mem::take(&mut s.large_table_);
+        <brotli::enc::StandardAlloc as Allocator<i32>>::free_cell(&mut s.m8, table);
+        let storage = std::mem::take(&mut s.storage_);
+        <brotli::enc::StandardAlloc as Allocator<u8>>::free_cell(&mut s.m8, storage);
+        s.storage_size_ = 0;
+    }
+}
+
+impl Drop for BrotliStream {
+    fn drop(&mut self) {
+        // What brotli's own writer does on drop: give every buffer back to the allocator.
+        brotli::enc::encode::BrotliEncoderDestroyInstance(&mut self.state);
+    }
+}
+
 impl Encoder {
     pub fn new(coding: Coding) -> Encoder {
         let level = flate2::Compression::new(GZIP_LEVEL);
@@ -706,12 +805,7 @@ impl Encoder {
             Coding::Deflate => {
                 EncoderKind::Deflate(flate2::write::ZlibEncoder::new(Vec::new(), level))
             }
-            Coding::Brotli => EncoderKind::Brotli(Box::new(brotli::CompressorWriter::new(
-                Vec::new(),
-                4 * 1024,
-                BROTLI_QUALITY,
-                BROTLI_WINDOW_BITS,
-            ))),
+            Coding::Brotli => EncoderKind::Brotli(Box::new(BrotliStream::new())),
             Coding::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)
                     .expect("zstd encoder allocation");
@@ -734,13 +828,7 @@ impl Encoder {
                 run(e, chunk)?;
                 e.get_mut()
             }
-            EncoderKind::Brotli(e) => {
-                for piece in chunk.chunks(BROTLI_PIECE) {
-                    e.write_all(piece)?;
-                }
-                e.flush()?;
-                e.get_mut()
-            }
+            EncoderKind::Brotli(e) => return e.write(chunk).map(Bytes::from),
             EncoderKind::Zstd(e) => {
                 run(e, chunk)?;
                 e.get_mut()
@@ -757,15 +845,7 @@ impl Encoder {
                 e.try_finish()?;
                 e.get_mut()
             }
-            EncoderKind::Brotli(e) => {
-                e.flush()?;
-                // Dropping a brotli writer is what ends its stream; swap in an empty one to do so.
-                let done = std::mem::replace(
-                    e.as_mut(),
-                    brotli::CompressorWriter::new(Vec::new(), 1, 0, 10),
-                );
-                return Ok(done.into_inner().into());
-            }
+            EncoderKind::Brotli(e) => return e.finish().map(Bytes::from),
             EncoderKind::Zstd(e) => {
                 e.do_finish()?;
                 e.get_mut()
