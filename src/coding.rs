@@ -621,7 +621,8 @@ const GZIP_LEVEL: u32 = 4;
 /// keeps no window between blocks. Measured on the 119 KB Cloudflare page flushed every 16 KiB:
 /// quality 4 (the previous setting) held 929 KiB per paused encoder (its hash table alone is
 /// 512 KiB) at 43 MB/s and a ratio of 7.7; quality 1 holds 104 KiB at 200 MB/s and a ratio of
-/// 5.2 (gzip level 4: 7.4). Qualities 2 and 3 still hold 633 KiB.
+/// 5.2 (gzip level 4: 7.4), and [`BrotliStream`] gives even that back between chunks. Qualities
+/// 2 and 3 still hold 633 KiB.
 const BROTLI_QUALITY: u32 = 1;
 /// The window the stream declares (2^n bytes), which is what the client's decoder allocates.
 /// Quality 1 makes no match longer than a block, so a small window costs nothing.
