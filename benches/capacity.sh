@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Capacity figures for sizing kmi-proxy replicas (deploy/README.md quotes its output).
 #
-#   benches/capacity.sh                 # from the repository root; about 30 s after the build
+#   benches/capacity.sh                 # from the repository root; about 2 minutes after the build
 #
 # Loopback only, bounded in time. It starts `kmi-proxy demo` (a built-in origin serving a ~1.6 KB
 # HTML page with partner links, plus a proxy we do not use) and, in a second process, kmi-proxy
@@ -14,7 +14,11 @@
 #   2. CPU: a warm-up, then `wrk -t2 -c64 -d10s` with an identity cookie (every response is
 #      rewritten and its partner links decorated); the proxy's utime+stime from /proc/PID/stat
 #      over the run, divided by the requests served, is CPU-seconds per request, i.e. cores per
-#      1,000 requests/s once multiplied by 1,000.
+#      1,000 requests/s once multiplied by 1,000;
+#   3. memory per rewritten stream in flight: `cargo bench --bench pressure -- streams` holds
+#      200 h2c streams of the 119 KB Cloudflare corpus page halfway through their bodies, for
+#      no ID (passed through), identity, gzip and brotli, each in a fresh proxy, and prints the
+#      RSS they add per stream in flight (KMI_STREAMS, KMI_STREAM_CONNECTIONS change the load).
 #
 # Environment: DURATION (10s), CONNS (64), THREADS (2), IDLE_CONNS (1000), WARMUP (3s).
 set -euo pipefail
@@ -209,3 +213,10 @@ BEGIN {
 }'
 say "RSS after the load run:           $(awk '{ printf "%.1f MiB", $1 / 1024 }' <<<"$(rss_kib "$PROXY_PID")") (peak $(awk '{ printf "%.1f MiB", $1 / 1024 }' <<<"$(hwm_kib "$PROXY_PID")"))"
 say "machine: $(nproc) core(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU)"
+
+say ""
+say "== memory per rewritten HTTP/2 stream in flight (cargo bench --bench pressure -- streams) =="
+if ! cargo bench --bench pressure -- streams 2>"$WORK/pressure.err" | grep -v '^$'; then
+    grep -A5 'FAILED' "$WORK/pressure.err" >&2 || tail -5 "$WORK/pressure.err" >&2
+    die "the held-streams bench failed (above)"
+fi

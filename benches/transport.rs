@@ -11,7 +11,7 @@
 //! H2_CONNECTIONS connections carrying CONCURRENCY streams between them.
 //!
 //! Then "rewrite only", without sockets: decode → `PageRewriter` → encode (the crate's own
-//! `coding::{Decoder, Encoder}`) over the page in 16 KiB chunks, repeated for about a second, for
+//! `coding::{Decoder, Encoder}`, decoding in bounded slices) over the page in 16 KiB chunks, repeated for about a second, for
 //! identity, gzip and br.
 //!
 //! Origin, proxy and clients share one process and its cores: the figures compare transports with
@@ -567,10 +567,17 @@ fn pipeline(config: &Config, site: &Site, coding: Option<Coding>, input: &[u8]) 
         match &mut codec {
             None => out.extend_from_slice(&rewriter.write(chunk)),
             Some((decoder, encoder)) => {
-                let plain = decoder.write(chunk).expect("a valid compressed page");
-                let rewritten = rewriter.write(&plain);
-                if !rewritten.is_empty() {
-                    out.extend_from_slice(&encoder.write(&rewritten).expect("encoding"));
+                // Slice by slice, as the body adapter decodes.
+                let mut rest = chunk;
+                loop {
+                    let plain = decoder.decode(&mut rest).expect("a valid compressed page");
+                    if plain.is_empty() {
+                        break;
+                    }
+                    let rewritten = rewriter.write(&plain);
+                    if !rewritten.is_empty() {
+                        out.extend_from_slice(&encoder.write(&rewritten).expect("encoding"));
+                    }
                 }
             }
         }
@@ -578,10 +585,11 @@ fn pipeline(config: &Config, site: &Site, coding: Option<Coding>, input: &[u8]) 
     match &mut codec {
         None => out.extend_from_slice(&rewriter.end()),
         Some((decoder, encoder)) => {
-            let plain = decoder.finish().expect("a complete compressed page");
-            let mut last = rewriter.write(&plain).to_vec();
-            last.extend_from_slice(&rewriter.end());
-            out.extend_from_slice(&encoder.write(&last).expect("encoding"));
+            decoder.finish().expect("a complete compressed page");
+            let last = rewriter.end();
+            if !last.is_empty() {
+                out.extend_from_slice(&encoder.write(&last).expect("encoding"));
+            }
             out.extend_from_slice(&encoder.finish().expect("encoding"));
         }
     }

@@ -1,20 +1,53 @@
 //! Response bodies on their way to the client: passed through frame by frame, or streamed through
-//! a [`PageRewriter`]. Never collected whole. Each body carries the request's access-log record,
-//! written when the body is finished or dropped, so the log line knows the bytes sent and the
-//! links decorated.
+//! a [`Splicer`] (a parse, a recording, or a splice of one). Never collected whole: a compressed page is decoded one bounded slice per
+//! poll, so no step holds more than a slice of it, however far it inflates. Each body carries the
+//! request's access-log record, written when the body is finished or dropped, so the log line
+//! knows the bytes sent and the links decorated.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access_log::AccessLog;
-use crate::coding::{Coding, Decoder, Encoder};
+use crate::coding::{self, Coding, DecodeError, Decoder, Encoder};
 use crate::splice::Splicer;
 use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a page waits for a rewrite slot before it is sent as the origin sent it.
+pub const REWRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// Compressed bytes kept back until the decoder has produced its first output: if the body turns
+/// out not to be in its coding at all, these are sent as they came instead of failing.
+const HOLD_LIMIT: usize = 64 * 1024;
+
+/// The global budget of concurrent rewrites: a page takes a slot before its first byte is read
+/// and gives it back when its body is done. Past the budget pages queue (fairly, in order); one
+/// that waits longer than its wait limit is passed through unmodified rather than failed, since
+/// an undecorated page is a lesser harm than a stalled one.
+#[derive(Clone)]
+pub struct RewriteBudget {
+    permits: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl RewriteBudget {
+    pub fn new(rewrites: usize, wait: Duration) -> RewriteBudget {
+        RewriteBudget {
+            permits: Arc::new(Semaphore::new(rewrites)),
+            wait,
+        }
+    }
+}
+
+type Acquiring = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
 /// The body of every response the proxy sends.
 pub struct ResponseBody {
@@ -33,12 +66,89 @@ enum Kind {
 
 struct Rewriting {
     upstream: UpstreamBody,
+    /// The origin's body has ended.
+    upstream_done: bool,
     rewriter: Splicer,
-    /// For a compressed page: the origin's coding undone before the rewriter, redone after it.
-    codec: Option<(Decoder, Encoder)>,
+    /// The page's content coding; its codec is made once the page has a rewrite slot, so a page
+    /// waiting in the queue holds no codec state.
+    coding: Option<Coding>,
+    codec: Option<Box<Codec>>,
+    /// An uncompressed page's bytes received but not yet rewritten: fed one slice per step, so
+    /// a large frame from the origin neither takes one long step nor grows the rewriter's output
+    /// buffer to the frame's size.
+    unread: Bytes,
+    /// Waiting for a rewrite slot (`None` once it has one or gave up).
+    acquiring: Option<Acquiring>,
+    /// The rewrite slot, held until the body is done.
+    permit: Option<OwnedSemaphorePermit>,
+    /// The rest of the origin's body goes through untouched (after any bytes held back).
+    passthrough: bool,
+    /// Why the page went out as the origin sent it after all, for the access log.
+    gave_up: Option<&'static str>,
     /// Trailers from the origin, held until the rewriter's last bytes are out.
     trailers: Option<http::HeaderMap>,
     ended: bool,
+}
+
+/// A compressed page's coding undone before the rewriter and redone after it.
+struct Codec {
+    decoder: Decoder,
+    encoder: Encoder,
+    /// Compressed bytes received but not yet decoded.
+    pending: Bytes,
+    /// The decoder may have more to give: call it again before reading from the origin.
+    more: bool,
+    /// The origin's bytes so far, until the decoder has produced output (see [`HOLD_LIMIT`]).
+    held: Option<BytesMut>,
+}
+
+impl Codec {
+    fn new(coding: Coding) -> Codec {
+        Codec {
+            decoder: Decoder::new(coding),
+            encoder: Encoder::new(coding),
+            pending: Bytes::new(),
+            more: false,
+            held: Some(BytesMut::new()),
+        }
+    }
+
+    /// Takes a frame of compressed bytes from the origin.
+    fn take(&mut self, data: Bytes) {
+        if let Some(held) = &mut self.held {
+            if held.len() + data.len() <= HOLD_LIMIT {
+                held.extend_from_slice(&data);
+            } else {
+                // The decoder has read this far without output or error: commit to decoding.
+                self.held = None;
+            }
+        }
+        // The origin is only read once the decoder has used up everything before.
+        debug_assert!(self.pending.is_empty());
+        self.pending = data;
+        self.more = true;
+    }
+
+    /// The next slice of decoded page (empty once the pending input is used up).
+    fn decode(&mut self) -> Result<Bytes, DecodeError> {
+        let mut rest = &self.pending[..];
+        let slice = self.decoder.decode(&mut rest);
+        let used = self.pending.len() - rest.len();
+        let _ = self.pending.split_to(used);
+        let slice = slice?;
+        if slice.is_empty() {
+            self.more = false;
+        } else {
+            self.held = None;
+        }
+        Ok(slice)
+    }
+
+    /// Whether the body could still be sent as the origin sent it: nothing decoded yet, and all
+    /// of it held.
+    fn can_pass_through(&self) -> bool {
+        self.held.is_some() && self.decoder.decoded() == 0
+    }
 }
 
 impl ResponseBody {
@@ -64,17 +174,39 @@ impl ResponseBody {
         }
     }
 
+    /// A page through the rewriter, once it has a slot in `budget`.
     pub fn rewrite(
         body: UpstreamBody,
         rewriter: Splicer,
         coding: Option<Coding>,
+        budget: &RewriteBudget,
         log: AccessLog,
     ) -> ResponseBody {
+        let (permit, acquiring) = match Arc::clone(&budget.permits).try_acquire_owned() {
+            Ok(permit) => (Some(permit), None),
+            Err(_) => {
+                let (permits, wait) = (Arc::clone(&budget.permits), budget.wait);
+                let acquiring: Acquiring = Box::pin(async move {
+                    tokio::time::timeout(wait, permits.acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                });
+                (None, Some(acquiring))
+            }
+        };
         ResponseBody {
             kind: Kind::Rewrite(Box::new(Rewriting {
                 upstream: body,
+                upstream_done: false,
                 rewriter,
-                codec: coding.map(|c| (Decoder::new(c), Encoder::new(c))),
+                coding,
+                codec: None,
+                unread: Bytes::new(),
+                acquiring,
+                permit,
+                passthrough: false,
+                gave_up: None,
                 trailers: None,
                 ended: false,
             })),
@@ -95,12 +227,25 @@ impl ResponseBody {
         }
     }
 
+    /// A passed-through body whose declared length has all been received (and handed on).
+    fn length_reached(&self) -> bool {
+        match &self.kind {
+            Kind::Passthrough(body) => body.size_hint().exact() == Some(0) && body.received > 0,
+            _ => false,
+        }
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         let upstream_bytes = match &self.kind {
             Kind::Full(_) => 0,
             Kind::Passthrough(body) => body.received,
             Kind::Rewrite(r) => r.upstream.received,
         };
+        if let (Kind::Rewrite(r), Some(log)) = (&self.kind, self.log.as_mut()) {
+            if let Some(why) = r.gave_up {
+                log.rewrite = why;
+            }
+        }
         if let Some(mut log) = self.log.take() {
             log.body_outcome = outcome;
             log.bytes_upstream = upstream_bytes;
@@ -134,6 +279,9 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Err(e))) => {
                 let kind = if e.is::<crate::upstream::BodyIdle>() {
                     "body_idle"
+                } else if let Some(e) = e.downcast_ref::<DecodeError>() {
+                    tracing::warn!(target: "kmi_proxy::upstream", kind = e.kind.as_str(), "{e}");
+                    e.kind.as_str()
                 } else {
                     "reset"
                 };
@@ -172,13 +320,77 @@ impl Rewriting {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(acquiring) = &mut self.acquiring {
+            let permit = std::task::ready!(acquiring.as_mut().poll(cx));
+            self.acquiring = None;
+            match permit {
+                Some(p) => self.permit = Some(p),
+                None => self.give_up("rewrite_budget"),
+            }
+        }
         loop {
             if self.ended {
                 return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
+            if self.passthrough {
+                return self.poll_passthrough(cx);
+            }
+            if self.codec.is_none() {
+                if let Some(coding) = self.coding {
+                    self.codec = Some(Box::new(Codec::new(coding)));
+                }
+            }
+            if !self.unread.is_empty() {
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                coop.made_progress();
+                let piece = self.unread.split_to(self.unread.len().min(coding::SLICE));
+                let out = self.rewriter.write(&piece);
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                continue;
+            }
+            if let Some(codec) = self.codec.as_mut().filter(|c| c.more) {
+                // One slice per step, and a step counts against the task's cooperative budget:
+                // a page that inflates without end yields to other requests on this thread
+                // instead of holding it while it decodes.
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                coop.made_progress();
+                let plain = match codec.decode() {
+                    Ok(plain) => plain,
+                    Err(e) if codec.can_pass_through() => {
+                        tracing::debug!("page sent as the origin sent it: {e}");
+                        self.give_up("undecodable");
+                        continue;
+                    }
+                    Err(e) => return self.fail(e),
+                };
+                if plain.is_empty() {
+                    continue;
+                }
+                let out = self.rewriter.write(&plain);
+                if out.is_empty() {
+                    // Nothing to flush: an empty flush would still cost a few bytes on the wire.
+                    continue;
+                }
+                match codec.encoder.write(&out) {
+                    Ok(out) if out.is_empty() => continue,
+                    Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                    Err(e) => return self.fail(e),
+                }
+            }
             let out = match std::task::ready!(Pin::new(&mut self.upstream).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.write(&data),
+                    Ok(data) => match &mut self.codec {
+                        Some(codec) => {
+                            codec.take(data);
+                            continue;
+                        }
+                        None => {
+                            self.unread = data;
+                            continue;
+                        }
+                    },
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             self.trailers = Some(trailers);
@@ -190,58 +402,95 @@ impl Rewriting {
                 // it is never mistaken for a complete page.
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
-                    self.ended = true;
-                    self.end()
+                    self.upstream_done = true;
+                    match self.end() {
+                        Ok(out) => out,
+                        Err(e) => return self.fail(e),
+                    }
                 }
             };
-            match out {
-                Ok(out) if out.is_empty() => {}
-                Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
-                // A corrupt or truncated compressed body: the client's response ends in an error.
-                Err(e) => {
-                    self.ended = true;
-                    self.trailers = None;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
             }
         }
     }
 
-    fn write(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
-        match &mut self.codec {
-            None => Ok(self.rewriter.write(data)),
-            Some((decoder, encoder)) => {
-                let plain = decoder.write(data)?;
-                let out = self.rewriter.write(&plain);
-                if out.is_empty() {
-                    // Nothing to flush: an empty flush would still cost a few bytes on the wire.
-                    return Ok(out);
-                }
-                encoder.write(&out)
+    /// The rest of the page goes out as the origin sends it: first anything held back, then the
+    /// origin's frames.
+    fn poll_passthrough(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(held) = self.codec.take().and_then(|c| c.held) {
+            if !held.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(held.freeze()))));
             }
         }
+        if self.upstream_done {
+            self.ended = true;
+            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        let polled = std::task::ready!(Pin::new(&mut self.upstream).poll_frame(cx));
+        if polled.is_none() {
+            self.upstream_done = true;
+            self.ended = true;
+        }
+        Poll::Ready(polled)
     }
 
-    fn end(&mut self) -> std::io::Result<Bytes> {
-        match &mut self.codec {
-            None => Ok(self.rewriter.end()),
-            Some((decoder, encoder)) => {
-                let plain = decoder.finish()?;
-                let mut out = bytes::BytesMut::from(&self.rewriter.write(&plain)[..]);
-                out.extend_from_slice(&self.rewriter.end());
-                let mut compressed = bytes::BytesMut::from(&encoder.write(&out)?[..]);
-                compressed.extend_from_slice(&encoder.finish()?);
-                Ok(compressed.freeze())
+    /// Stops rewriting: the page goes out as the origin sent it, and the slot is free for
+    /// another page.
+    fn give_up(&mut self, why: &'static str) {
+        self.passthrough = true;
+        self.gave_up = Some(why);
+        self.permit = None;
+    }
+
+    /// A corrupt, truncated or runaway compressed body: the client's response ends in an error,
+    /// so it is never mistaken for a complete page.
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.ended = true;
+        self.trailers = None;
+        self.codec = None;
+        self.permit = None;
+        Poll::Ready(Some(Err(e.into())))
+    }
+
+    /// The origin's body has ended: the rewriter's and the encoder's last bytes.
+    fn end(&mut self) -> Result<Bytes, BoxError> {
+        let Some(codec) = self.codec.as_mut() else {
+            self.ended = true;
+            self.permit = None;
+            return Ok(self.rewriter.end());
+        };
+        if let Err(e) = codec.decoder.finish() {
+            if codec.can_pass_through() {
+                tracing::debug!("page sent as the origin sent it: {e}");
+                self.give_up("undecodable");
+                return Ok(Bytes::new());
             }
+            return Err(e.into());
         }
+        self.ended = true;
+        self.permit = None;
+        let out = self.rewriter.end();
+        let mut compressed = BytesMut::new();
+        if !out.is_empty() {
+            compressed.extend_from_slice(&codec.encoder.write(&out)?);
+        }
+        compressed.extend_from_slice(&codec.encoder.finish()?);
+        self.codec = None;
+        Ok(compressed.freeze())
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Dropped before its end: the client went away (not an error of ours) or hyper gave up.
-        // A body that was empty from the start (HEAD, 204) is complete without being polled.
-        let outcome = if self.is_end_stream() {
+        // A body that was empty from the start (HEAD, 204) is complete without being polled, and
+        // so is one whose every declared byte has been sent: hyper stops polling a body once its
+        // `Content-Length` is reached, before an HTTP/2 origin's END_STREAM may have arrived.
+        let outcome = if self.is_end_stream() || self.length_reached() {
             "complete"
         } else {
             "client_gone"

@@ -110,6 +110,7 @@ struct RawLog {
 struct RawLimits {
     max_connections: Option<i64>,
     max_header_bytes: Option<i64>,
+    max_rewrites: Option<i64>,
 }
 
 /// How log lines are written.
@@ -281,9 +282,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// The largest request head accepted; a bigger one gets 431.
     pub max_header_bytes: usize,
+    /// Pages rewritten at once across all connections; further ones queue (see
+    /// `body::RewriteBudget`).
+    pub max_rewrites: usize,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_REWRITES: usize = 256;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper cannot read a request head into a buffer smaller than this.
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -558,6 +563,12 @@ impl Validator {
                 raw.limits.max_header_bytes,
                 MIN_HEADER_BYTES,
                 DEFAULT_MAX_HEADER_BYTES,
+            ),
+            max_rewrites: self.count(
+                "limits.max_rewrites",
+                raw.limits.max_rewrites,
+                1,
+                DEFAULT_MAX_REWRITES,
             ),
         };
         let admin = raw
@@ -973,6 +984,7 @@ impl fmt::Display for Config {
         writeln!(f, "\n[limits]")?;
         writeln!(f, "max_connections = {}", self.limits.max_connections)?;
         writeln!(f, "max_header_bytes = {}", self.limits.max_header_bytes)?;
+        writeln!(f, "max_rewrites = {}", self.limits.max_rewrites)?;
         writeln!(f, "\n[log]")?;
         let format = match self.log_format {
             LogFormat::Text => "text",

@@ -93,25 +93,37 @@ pub fn vary_on(headers: &mut HeaderMap, field: &str) {
 /// Makes a response that carries one visitor's ID unfit for shared caches: `public` and
 /// `s-maxage` go, `private` is added, other directives stay. A strong `ETag` becomes weak, so a
 /// conditional request cannot get a 304 that revalidates another visitor's copy as this one's.
+///
+/// Fields aimed at one kind of cache override `Cache-Control` there, so each one present is made
+/// non-storable in its own syntax: the `CDN-Cache-Control` family (RFC 9213, and vendor forms
+/// such as `Cloudflare-CDN-Cache-Control`) like `Cache-Control`; `Surrogate-Control` (Fastly,
+/// Akamai, Varnish) and Akamai's `Edge-Control` become `no-store`; nginx's `X-Accel-Expires`
+/// becomes 0, which disables its cache. Absent ones are not added: without them each cache falls
+/// back to `Cache-Control`.
 pub fn make_private(headers: &mut HeaderMap) {
-    let mut directives: Vec<String> = headers
-        .get_all(CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .filter(|d| {
-            let name = d.split('=').next().unwrap_or_default().trim();
-            !name.eq_ignore_ascii_case("public") && !name.eq_ignore_ascii_case("s-maxage")
+    let targeted: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name.ends_with("cache-control") && name != CACHE_CONTROL.as_str()
         })
-        .map(str::to_owned)
+        .cloned()
         .collect();
-    if !directives.iter().any(|d| d.eq_ignore_ascii_case("private")) {
-        directives.push("private".into());
+    for name in targeted {
+        private_directives(headers, name);
     }
-    if let Ok(v) = HeaderValue::from_str(&directives.join(", ")) {
-        headers.insert(CACHE_CONTROL, v);
+    private_directives(headers, CACHE_CONTROL);
+    for (name, never) in [
+        ("surrogate-control", "no-store"),
+        ("edge-control", "no-store"),
+        ("x-accel-expires", "0"),
+    ] {
+        if headers.contains_key(name) {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(never),
+            );
+        }
     }
     weaken_etag(headers);
 }
@@ -127,6 +139,30 @@ pub fn weaken_etag(headers: &mut HeaderMap) {
             };
         }
     }
+}
+
+/// Rewrites one field with `Cache-Control` syntax: without `public` and `s-maxage`, with
+/// `private`. A value that is not text becomes plain `private`.
+fn private_directives(headers: &mut HeaderMap, name: HeaderName) {
+    let mut directives: Vec<String> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let directive = d.split('=').next().unwrap_or_default().trim();
+            !directive.eq_ignore_ascii_case("public") && !directive.eq_ignore_ascii_case("s-maxage")
+        })
+        .map(str::to_owned)
+        .collect();
+    if !directives.iter().any(|d| d.eq_ignore_ascii_case("private")) {
+        directives.push("private".into());
+    }
+    let value = HeaderValue::from_str(&directives.join(", "))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    headers.insert(name, value);
 }
 
 #[cfg(test)]
@@ -207,5 +243,32 @@ mod tests {
         make_private(&mut already);
         assert_eq!(already[CACHE_CONTROL], "private, no-cache");
         assert_eq!(already[ETAG], "W/\"x\"");
+    }
+
+    #[test]
+    fn targeted_cache_fields_become_private_or_no_store() {
+        let mut h = map(&[
+            ("cdn-cache-control", "public, max-age=600"),
+            (
+                "cloudflare-cdn-cache-control",
+                "max-age=86400, s-maxage=86400",
+            ),
+            ("surrogate-control", "max-age=3600"),
+            ("edge-control", "!no-store, max-age=1h"),
+            ("x-accel-expires", "600"),
+            ("x-cache-control-note", "kept"),
+        ]);
+        make_private(&mut h);
+        assert_eq!(h["cdn-cache-control"], "max-age=600, private");
+        assert_eq!(h["cloudflare-cdn-cache-control"], "max-age=86400, private");
+        assert_eq!(h["surrogate-control"], "no-store");
+        assert_eq!(h["edge-control"], "no-store");
+        assert_eq!(h["x-accel-expires"], "0");
+        assert_eq!(h["x-cache-control-note"], "kept");
+        assert_eq!(h[CACHE_CONTROL], "private");
+        // Absent targeted fields are not invented.
+        let mut plain = HeaderMap::new();
+        make_private(&mut plain);
+        assert_eq!(plain.len(), 1, "{plain:?}");
     }
 }

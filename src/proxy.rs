@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use url::Url;
 
 use crate::access_log::AccessLog;
-use crate::body::ResponseBody;
+use crate::body::{self, ResponseBody, RewriteBudget};
 use crate::coding::{self, Coding};
 use crate::config::Config;
 use crate::decorate::Outcome;
@@ -56,6 +56,8 @@ pub struct Proxy {
     /// requests finish with the configuration they began under.
     current: ArcSwap<Snapshot>,
     metrics: Arc<Metrics>,
+    /// Pages being rewritten at once, across every connection (see [`RewriteBudget`]).
+    rewrites: RewriteBudget,
 }
 
 /// A configuration and the origin client built for it.
@@ -211,6 +213,7 @@ impl Proxy {
     pub fn new(config: Arc<Config>) -> Proxy {
         let metrics = Arc::new(Metrics::new());
         Proxy {
+            rewrites: RewriteBudget::new(config.limits.max_rewrites, body::REWRITE_WAIT),
             current: ArcSwap::from_pointee(Snapshot::new(config, &metrics)),
             metrics,
         }
@@ -230,7 +233,7 @@ impl Proxy {
     pub fn reload(&self, config: Config) -> Vec<String> {
         let old = self.config();
         // Settings read once when the server starts: a change needs a restart.
-        let start_only: [(&str, ReadSetting); 8] = [
+        let start_only: [(&str, ReadSetting); 9] = [
             ("listen", |c| format!("{:?}", c.listen)),
             ("listen_tls", |c| format!("{:?}", c.listen_tls)),
             ("admin.listen", |c| format!("{:?}", c.admin)),
@@ -240,6 +243,7 @@ impl Proxy {
             ("limits.max_header_bytes", |c| {
                 c.limits.max_header_bytes.to_string()
             }),
+            ("limits.max_rewrites", |c| c.limits.max_rewrites.to_string()),
             ("timeouts.client_header", |c| {
                 format!("{:?}", c.timeouts.client_header)
             }),
@@ -294,7 +298,7 @@ impl Proxy {
             return Self::switch_protocols(config, response, conn, exchange);
         }
         let (response, decision) = self.response_head(config, response, &mut exchange);
-        Self::response_body(&snapshot, response, decision, exchange)
+        self.response_body(&snapshot, response, decision, exchange)
     }
 
     /// Phase 1, the request filter: refuses what the edge does not accept (4xx/5xx, the
@@ -652,6 +656,7 @@ impl Proxy {
 
     /// Phase 5, the body: streamed through the rewriter or passed through untouched.
     fn response_body(
+        &self,
         snapshot: &Snapshot,
         response: Response<Incoming>,
         decision: Decision,
@@ -688,7 +693,7 @@ impl Proxy {
                 let rewriter = Splicer::new(Arc::clone(&config.decorator), id, page, store);
                 log.stats = Some(rewriter.stats());
                 log.splice = Some(rewriter.report());
-                ResponseBody::rewrite(upstream, rewriter, coding, log)
+                ResponseBody::rewrite(upstream, rewriter, coding, &self.rewrites, log)
             }
             Decision::NotRewritable(why) | Decision::PageNotRewritten(why) => {
                 log.rewrite = why;

@@ -28,6 +28,12 @@ use crate::tunnel::{ConnectionGuard, Lease, Tunnels};
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Requests one HTTP/2 connection may have in flight (SETTINGS_MAX_CONCURRENT_STREAMS). hyper's
+/// default is 200; 100 is what RFC 9113 recommends as the least to allow, and what browsers need
+/// (they open about 6-10 page loads per connection, and sub-resources are rarely rewritten).
+/// Each stream that is rewritten costs memory, so one connection must not claim hundreds.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
 /// A bound, not yet running, proxy.
 pub struct Server {
     plain: Option<TcpListener>,
@@ -127,9 +133,12 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(config.timeouts.client_header)
             .max_buf_size(config.limits.max_header_bytes);
-        http.http2().timer(TokioTimer::new()).max_header_list_size(
-            u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX),
-        );
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_header_list_size(
+                u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX),
+            );
         let kill = CancellationToken::new();
         let shared = Arc::new(Shared {
             http,
