@@ -17,6 +17,7 @@ mod common;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use kmi_proxy::config::Config;
 use kmi_proxy::decorate::Decorator;
 use kmi_proxy::identity::VisitorId;
@@ -544,4 +545,80 @@ fn one_request_records_a_page_at_a_time_and_an_unfinished_one_lets_go() {
     let _ = first.end();
     assert_eq!(path(&start()), "spliced");
     assert_eq!(store.held().0, 1);
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn brotli(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+    e.write_all(data).unwrap();
+    e.into_inner()
+}
+
+fn decoded(coding: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match coding {
+        "gzip" => flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out),
+        _ => brotli::Decompressor::new(body, 4096).read_to_end(&mut out),
+    }
+    .expect("a body the standard decoder reads");
+    out
+}
+
+/// A compressed origin: the recording is of the decoded page, and every visitor's response,
+/// decoded, is the uncached rewrite of that page with their own ID.
+#[tokio::test]
+async fn compressed_pages_are_spliced_from_their_decoded_recording() {
+    let page = SYNTHETIC.repeat(20);
+    let (gz, br) = (
+        Bytes::from(gzip(page.as_bytes())),
+        Bytes::from(brotli(page.as_bytes())),
+    );
+    let origin = origin()
+        .route("/gz", move |_| {
+            Reply::html(gz.clone()).header("content-encoding", "gzip")
+        })
+        .route("/br", move |_| {
+            Reply::html(br.clone()).header("content-encoding", "br")
+        })
+        .start()
+        .await;
+    let proxy = proxy(ADMIN, origin.addr).await;
+    let decorator = Arc::clone(&config("", origin.addr).decorator);
+    for (path, coding) in [("/gz", "gzip"), ("/br", "br")] {
+        for id in ["first", "second", "a&b"] {
+            let rsp = get(proxy.addr, path)
+                .header("accept", "text/html")
+                .header("accept-encoding", "gzip, br")
+                .cookie(&format!("km_ai={id}"))
+                .send()
+                .await;
+            assert_eq!(header(&rsp, "content-encoding"), Some(coding));
+            let body = decoded(coding, &body_of(rsp).await);
+            let id = VisitorId::from_cookie_value(id).unwrap();
+            let want = uncached(
+                &decorator,
+                Some(&id),
+                "text/html; charset=utf-8",
+                page.as_bytes(),
+            );
+            assert!(
+                body == want,
+                "{path} for {id:?} differs from the uncached rewrite"
+            );
+        }
+    }
+    let m = metrics_of(&proxy).await;
+    assert_eq!(
+        metric(&m, r#"kmi_proxy_pages_total{reason="spliced"}"#),
+        Some(4.0),
+        "{m}"
+    );
 }
