@@ -440,13 +440,18 @@ check "kmi-proxy: /metrics counted the second request as spliced (pages_total{re
 # it, and a measured run that merely reaches it would pass for a leak.
 PROXY_URL=$(url_of kmi-proxy)
 say ""
-say "== warm-up through kmi-proxy: rounds of wrk -t$THREADS -c$CONNS_MAX -d${WARMUP_SECONDS}s until peak RSS settles =="
+say "== warm-up through kmi-proxy: rounds of wrk -t$THREADS -c$CONNS_MAX -d${WARMUP_SECONDS}s on each of its paths until peak RSS settles =="
 hwm_prev=$(hwm_kib "$PROXY_PID")
 round=0
 while :; do
     round=$((round + 1))
-    wrk -t"$THREADS" -c"$CONNS_MAX" -d"${WARMUP_SECONDS}s" -H "Cookie: $COOKIE" "$PROXY_URL" >"$WORK/wrk-warmup.out" ||
-        die "wrk failed against $PROXY_URL: $(cat "$WORK/wrk-warmup.out")"
+    # Every path the measured runs take through this proxy: spliced, parsed (the changing page)
+    # and passed through (no cookie); each settles its own share of the allocator's footprint.
+    for c in kmi-changing kmi-no-id kmi-proxy; do
+        mapfile -t cookie < <(cookie_args_of "$c")
+        wrk -t"$THREADS" -c"$CONNS_MAX" -d"${WARMUP_SECONDS}s" "${cookie[@]}" "$(url_of "$c")" >"$WORK/wrk-warmup.out" ||
+            die "wrk failed against $(url_of "$c"): $(cat "$WORK/wrk-warmup.out")"
+    done
     sleep 1
     rss_warm=$(rss_kib "$PROXY_PID")
     hwm_now=$(hwm_kib "$PROXY_PID")
