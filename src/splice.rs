@@ -219,7 +219,9 @@ impl Recorder {
         if memmem::find(&self.input, &sentinel.stem).is_some() {
             return None;
         }
-        let output = self.output.freeze();
+        // Exact-size copies: the buffers grew by doubling, and a recording kept for minutes should
+        // hold its bytes, not up to twice as much (the store weighs lengths).
+        let output = Bytes::copy_from_slice(&self.output);
         let mut slots = Vec::new();
         for at in memmem::find_iter(&output, &sentinel.stem) {
             match output.get(at + STEM_LEN) {
@@ -247,7 +249,7 @@ impl Recorder {
         }
         Some(Recording {
             sentinel,
-            input: self.input.freeze(),
+            input: Bytes::copy_from_slice(&self.input),
             output,
             slots,
             checkpoints: self.checkpoints,
