@@ -14,12 +14,15 @@
 
 use std::convert::Infallible;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+#[path = "common/process.rs"]
+mod process;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST};
@@ -29,6 +32,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+
+use process::ProxyProcess;
 
 /// The proxy must stay below this however large the page.
 const RSS_LIMIT_MIB: f64 = 64.0;
@@ -183,80 +188,19 @@ async fn start_origin(plan: Plan) -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The proxy under test, killed when dropped so no path leaves it running.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    fn start(dir: &Path, origin: SocketAddr) -> Result<ProxyProcess, String> {
-        // A port that was free a moment ago: bound, read, released, then handed to the proxy.
-        let addr = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
+/// Starts the proxy in front of `origin`, with the catalogue's partners.
+fn start_proxy(dir: &Path, origin: SocketAddr) -> Result<ProxyProcess, String> {
+    ProxyProcess::start(
+        dir,
+        |addr| {
             format!(
                 "listen = \"{addr}\"\nupstream = \"http://{origin}\"\n\n\
                  [identity]\ncookies = [\"km_ai\"]\n\n\
                  [[partner]]\nname = \"shop\"\ndomains = [\"checkout.partner.com\", \"*.partner.net\"]\n"
-            ),
-        )
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_kmi-proxy"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting kmi-proxy: {e}"))?;
-        let mut proxy = ProxyProcess { child, addr };
-        proxy.wait_until_accepting()?;
-        Ok(proxy)
-    }
-
-    fn wait_until_accepting(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if StdStream::connect(self.addr).is_ok() {
-                return Ok(());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("kmi-proxy exited before listening ({status})"));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "kmi-proxy not accepting on {} after 10 s",
-                    self.addr
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The peak resident set size so far, from the kernel's `VmHWM`, in MiB.
-    fn peak_rss_mib(&self) -> Result<f64, String> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| format!("no VmHWM in {path}"))?;
-        Ok(kib as f64 / 1024.0)
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            )
+        },
+        "warn",
+    )
 }
 
 /// Counts the occurrences of `needle` in a stream of chunks without keeping them: a match is
@@ -388,10 +332,10 @@ fn run() -> Result<(), String> {
         let origin = start_origin(plan)
             .await
             .map_err(|e| format!("starting the origin: {e}"))?;
-        let proxy = ProxyProcess::start(&dir, origin)?;
-        let idle = proxy.peak_rss_mib()?;
+        let proxy = start_proxy(&dir, origin)?;
+        let idle = proxy.status_mib("VmHWM")?;
         let got = fetch(proxy.addr).await?;
-        let peak = proxy.peak_rss_mib()?;
+        let peak = proxy.status_mib("VmHWM")?;
         drop(proxy);
         Ok::<_, String>((idle, got, peak))
     });

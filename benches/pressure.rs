@@ -27,12 +27,14 @@
 // Only the corpus directory is needed here.
 #[allow(dead_code)]
 mod common;
+#[path = "common/process.rs"]
+mod process;
 
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +47,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use process::ProxyProcess;
 
 const ID_COOKIE: &str = "km_ai=Zk9%2BaB%2Fc3Q%3D%3D";
 const DECORATED: &str = "kmi=Zk9%2BaB%2Fc3Q%3D%3D";
@@ -61,69 +65,20 @@ const SMALL_PAGE: &str = "<!DOCTYPE html><html><body>\
 // The proxy as a child process
 // ---------------------------------------------------------------------------------------------
 
-/// The proxy under test, killed when dropped so no path leaves it running.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    fn start(dir: &Path, origin: SocketAddr) -> Result<ProxyProcess, String> {
-        let addr = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
+/// Starts the proxy in front of `origin`, partners the page's three cross-site hosts.
+fn start_proxy(dir: &Path, origin: SocketAddr) -> Result<ProxyProcess, String> {
+    ProxyProcess::start(
+        dir,
+        |addr| {
             format!(
                 "listen = \"{addr}\"\nupstream = \"http://{origin}\"\n\n\
                  [[partner]]\nname = \"cloudflare\"\n\
                  domains = [\"dash.cloudflare.com\", \"support.cloudflare.com\", \
                  \"community.cloudflare.com\"]\n"
-            ),
-        )
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_kmi-proxy"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting kmi-proxy: {e}"))?;
-        let mut proxy = ProxyProcess { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while StdStream::connect(proxy.addr).is_err() {
-            if let Ok(Some(status)) = proxy.child.try_wait() {
-                return Err(format!("kmi-proxy exited before listening ({status})"));
-            }
-            if Instant::now() > deadline {
-                return Err("kmi-proxy not accepting after 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(proxy)
-    }
-
-    /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
-    fn status_kib(&self, field: &str) -> Result<u64, String> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| format!("no {field} in {path}"))
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            )
+        },
+        "error",
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -360,7 +315,7 @@ async fn bombs(dir: &Path, mib: u64, timed: bool) -> Result<Vec<String>, String>
     })
     .await
     .map_err(|e| format!("starting the origin: {e}"))?;
-    let proxy = ProxyProcess::start(dir, origin)?;
+    let proxy = start_proxy(dir, origin)?;
     let before = proxy.status_kib("VmHWM")?;
     let started = Instant::now();
     let one = tokio::spawn({
@@ -492,7 +447,7 @@ async fn streams(
     })
     .await
     .map_err(|e| format!("starting the origin: {e}"))?;
-    let proxy = ProxyProcess::start(dir, origin)?;
+    let proxy = start_proxy(dir, origin)?;
 
     // Warm-up: whole pages in this coding over h2c, so per-thread state and the allocator's
     // arenas exist before the baseline is read.

@@ -12,11 +12,13 @@
 
 #[allow(dead_code)] // `most_linked_host` is for the other benches; this one knows its page.
 mod common;
+#[path = "common/process.rs"]
+mod process;
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,6 +28,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+
+use process::ProxyProcess;
 
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const SLACK_MIB: f64 = 16.0;
@@ -57,72 +61,27 @@ async fn start_origin(page: Bytes) -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The proxy under test and its admin listener.
 struct Proxy {
-    child: Child,
-    addr: SocketAddr,
+    process: ProxyProcess,
     admin: SocketAddr,
-}
-
-fn free_port() -> Result<SocketAddr, String> {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("a free port: {e}"))
 }
 
 impl Proxy {
     fn start(dir: &std::path::Path, origin: SocketAddr, partner: &str) -> Result<Proxy, String> {
-        let addr = free_port()?;
-        let admin = free_port()?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"{addr}\"\nupstream = \"http://{origin}\"\n\n\
-                 [rewrite]\ncache_bytes = {CACHE_BYTES}\n\n[admin]\nlisten = \"{admin}\"\n\n\
-                 [[partner]]\nname = \"p\"\ndomains = [\"{partner}\"]\n"
-            ),
-        )
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_kmi-proxy"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting kmi-proxy: {e}"))?;
-        let mut proxy = Proxy { child, addr, admin };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while StdStream::connect(proxy.addr).is_err() {
-            if let Ok(Some(status)) = proxy.child.try_wait() {
-                return Err(format!("kmi-proxy exited ({status})"));
-            }
-            if Instant::now() > deadline {
-                return Err("kmi-proxy not accepting after 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(proxy)
-    }
-
-    fn status_mib(&self, field: &str) -> Result<f64, String> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| format!("no {field} in {path}"))?;
-        Ok(kib as f64 / 1024.0)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let admin = process::free_port()?;
+        let process = ProxyProcess::start(
+            dir,
+            |addr| {
+                format!(
+                    "listen = \"{addr}\"\nupstream = \"http://{origin}\"\n\n\
+                     [rewrite]\ncache_bytes = {CACHE_BYTES}\n\n[admin]\nlisten = \"{admin}\"\n\n\
+                     [[partner]]\nname = \"p\"\ndomains = [\"{partner}\"]\n"
+                )
+            },
+            "warn",
+        )?;
+        Ok(Proxy { process, admin })
     }
 }
 
@@ -206,11 +165,11 @@ fn run() -> Result<(), String> {
             .await
             .map_err(|e| format!("origin: {e}"))?;
         let proxy = Proxy::start(&dir, origin, partner)?;
-        let idle = proxy.status_mib("VmRSS:")?;
+        let idle = proxy.process.status_mib("VmRSS")?;
         // One URL twice: recorded, then spliced, and both the same decorated page.
-        let mut sender = connect(proxy.addr).await?;
-        let first = get(&mut sender, proxy.addr, "/check", true).await?;
-        let second = get(&mut sender, proxy.addr, "/check", true).await?;
+        let mut sender = connect(proxy.process.addr).await?;
+        let first = get(&mut sender, proxy.process.addr, "/check", true).await?;
+        let second = get(&mut sender, proxy.process.addr, "/check", true).await?;
         let decorated = first
             .windows(b"kmi=Zk9".len())
             .any(|w| w == b"kmi=Zk9");
@@ -227,7 +186,7 @@ fn run() -> Result<(), String> {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..CONNECTIONS {
-            let addr = proxy.addr;
+            let addr = proxy.process.addr;
             let expected = first.len();
             tasks.push(tokio::spawn(async move {
                 let mut sender = connect(addr).await?;
@@ -245,8 +204,8 @@ fn run() -> Result<(), String> {
         }
         let took = started.elapsed();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let after = proxy.status_mib("VmRSS:")?;
-        let peak = proxy.status_mib("VmHWM:")?;
+        let after = proxy.process.status_mib("VmRSS")?;
+        let peak = proxy.process.status_mib("VmHWM")?;
         let mut admin = connect(proxy.admin).await?;
         let metrics = get(&mut admin, proxy.admin, "/metrics", false).await?;
         let metrics = String::from_utf8_lossy(&metrics).into_owned();
