@@ -15,7 +15,7 @@
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::task::{Context, Poll};
@@ -33,7 +33,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use process::ProxyProcess;
+use process::{ProxyProcess, Scratch};
 
 /// The proxy must stay below this however large the page.
 const RSS_LIMIT_MIB: f64 = 64.0;
@@ -319,27 +319,19 @@ fn run() -> Result<(), String> {
     assert_eq!(DECORATED_NEEDLE, format!("kmi={ID_IN_URL}"));
     let mib = page_mib()?;
     let plan = Plan::new(mib * 1024 * 1024);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("memory-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting tokio: {e}"))?;
-    let outcome = runtime.block_on(async {
+    let dir = Scratch::new("memory-bench")?;
+    let outcome = process::runtime()?.block_on(async {
         let origin = start_origin(plan)
             .await
             .map_err(|e| format!("starting the origin: {e}"))?;
-        let proxy = start_proxy(&dir, origin)?;
+        let proxy = start_proxy(dir.path(), origin)?;
         let idle = proxy.status_mib("VmHWM")?;
         let got = fetch(proxy.addr).await?;
         let peak = proxy.status_mib("VmHWM")?;
         drop(proxy);
         Ok::<_, String>((idle, got, peak))
     });
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     let (idle, got, peak) = outcome?;
 
     let mb_per_s = got.bytes as f64 / got.elapsed.as_secs_f64() / 1e6;
@@ -380,19 +372,9 @@ fn run() -> Result<(), String> {
             "peak RSS {peak:.1} MiB is not below {RSS_LIMIT_MIB} MiB"
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n  "))
-    }
+    process::outcome(problems)
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("memory bench FAILED:\n  {e}");
-            ExitCode::FAILURE
-        }
-    }
+    process::exit("memory", run())
 }

@@ -33,7 +33,7 @@ mod process;
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,7 +48,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use process::ProxyProcess;
+use process::{ProxyProcess, Scratch};
 
 const ID_COOKIE: &str = "km_ai=Zk9%2BaB%2Fc3Q%3D%3D";
 const DECORATED: &str = "kmi=Zk9%2BaB%2Fc3Q%3D%3D";
@@ -578,15 +578,9 @@ fn run() -> Result<(), String> {
     let bomb_mib = env_number("KMI_BOMB_MIB", if benching { 2048 } else { 64 })?;
     let n = env_number("KMI_STREAMS", if benching { 200 } else { 20 })? as usize;
     let connections = env_number("KMI_STREAM_CONNECTIONS", 1)? as usize;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("pressure-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting tokio: {e}"))?;
-    let problems = runtime.block_on(async {
+    let scratch = Scratch::new("pressure-bench")?;
+    let dir = scratch.path().to_path_buf();
+    let problems = process::runtime()?.block_on(async {
         let mut problems = Vec::new();
         if wanted("bombs") {
             problems.extend(bombs(&dir, bomb_mib, benching).await?);
@@ -609,22 +603,12 @@ fn run() -> Result<(), String> {
         }
         Ok::<_, String>(problems)
     });
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     let _ = std::io::stdout().flush();
     let problems = problems?;
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n  "))
-    }
+    process::outcome(problems)
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pressure bench FAILED:\n  {e}");
-            ExitCode::FAILURE
-        }
-    }
+    process::exit("pressure", run())
 }

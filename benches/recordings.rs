@@ -17,7 +17,6 @@ mod process;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use process::ProxyProcess;
+use process::{ProxyProcess, Scratch};
 
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const SLACK_MIB: f64 = 16.0;
@@ -152,19 +151,12 @@ fn run() -> Result<(), String> {
     );
     // The page's own cross-site links, as benches/load.sh configures them.
     let partner = "dash.cloudflare.com\", \"support.cloudflare.com\", \"community.cloudflare.com";
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("recordings-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio: {e}"))?;
-    let result = runtime.block_on(async {
+    let dir = Scratch::new("recordings-bench")?;
+    let result = process::runtime()?.block_on(async {
         let origin = start_origin(page.clone())
             .await
             .map_err(|e| format!("origin: {e}"))?;
-        let proxy = Proxy::start(&dir, origin, partner)?;
+        let proxy = Proxy::start(dir.path(), origin, partner)?;
         let idle = proxy.process.status_mib("VmRSS")?;
         // One URL twice: recorded, then spliced, and both the same decorated page.
         let mut sender = connect(proxy.process.addr).await?;
@@ -211,7 +203,7 @@ fn run() -> Result<(), String> {
         let metrics = String::from_utf8_lossy(&metrics).into_owned();
         Ok::<_, String>((idle, after, peak, took, metrics))
     });
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     let (idle, after, peak, took, metrics) = result?;
     let held = metric(&metrics, "kmi_proxy_recordings");
     let held_bytes = metric(&metrics, "kmi_proxy_recording_bytes");
@@ -250,19 +242,9 @@ fn run() -> Result<(), String> {
             "the store holds {held_bytes} bytes, over cache_bytes"
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n  "))
-    }
+    process::outcome(problems)
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("recordings bench FAILED:\n  {e}");
-            ExitCode::FAILURE
-        }
-    }
+    process::exit("recordings", run())
 }

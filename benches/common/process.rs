@@ -1,12 +1,13 @@
 //! The `kmi-proxy` binary as a child process, for the benches that measure it from outside
 //! (`memory`, `pressure`, `recordings`): started on a free loopback port with a configuration
 //! file of the bench's making, waited for until it accepts, read through `/proc/<pid>/status`,
-//! and killed when dropped so that no path leaves it running.
+//! and killed when dropped so that no path leaves it running. Also what those benches share
+//! around it: a scratch directory, the runtime, and how a run ends.
 #![allow(dead_code)] // each bench uses a different part of it
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 /// A loopback address that was free a moment ago: bound, read, released.
@@ -82,5 +83,56 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A directory of this bench run's own under cargo's temp dir, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(label: &str) -> Result<Scratch, String> {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The runtime the benches' origins and clients run on: two workers, as the machine has cores.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting tokio: {e}"))
+}
+
+/// The problems a run found, as its outcome: none is success.
+pub fn outcome(problems: Vec<String>) -> Result<(), String> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n  "))
+    }
+}
+
+/// The exit code of bench `name`; a failure is printed first.
+pub fn exit(name: &str, outcome: Result<(), String>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} bench FAILED:\n  {e}");
+            ExitCode::FAILURE
+        }
     }
 }
