@@ -33,14 +33,15 @@
 
 use std::sync::{Arc, OnceLock};
 
-use kmi_proxy::decorate::{Decorator, Existing};
+mod common;
+
+use common::HOSTILE_ID;
+use kmi_proxy::decorate::Decorator;
 use kmi_proxy::identity::VisitorId;
-use kmi_proxy::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
 use kmi_proxy::rewrite::{rewrite_chunks, Charset, Page};
 use libfuzzer_sys::fuzz_target;
 use url::Url;
 
-const HOSTILE_ID: &str = "A-z._~0\"><script>alert(1)</script>&kmi=x#é 😀 %41+";
 const SMALL_LIMIT: usize = 4096;
 const DEFAULT_LIMIT: usize = 4 * 1024 * 1024;
 
@@ -56,50 +57,7 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let mut partners = PartnerSet::default();
-        let mut push = |name: &str, patterns: &[&str], rules: PartnerRules| {
-            partners.push(
-                name.into(),
-                patterns
-                    .iter()
-                    .map(|p| DomainPattern::parse(p).unwrap())
-                    .collect(),
-            );
-            partners.set_rules(rules);
-        };
-        push(
-            "checkout",
-            &["checkout.partner.com", "yoursite.3rd-party-checkout.com"],
-            PartnerRules::default(),
-        );
-        push("network", &["*.partner.net"], PartnerRules::default());
-        push("books", &["bücher.example"], PartnerRules::default());
-        push(
-            "redirect",
-            &["redirect.partner.org"],
-            PartnerRules {
-                mode: Mode::Redirect,
-                ..PartnerRules::default()
-            },
-        );
-        push(
-            "forms",
-            &["forms.partner.org"],
-            PartnerRules {
-                forms: true,
-                ..PartnerRules::default()
-            },
-        );
-        let keep = Decorator {
-            partners,
-            param: "kmi".into(),
-            existing: Existing::Keep,
-            ..Decorator::default()
-        };
-        let replace = Decorator {
-            existing: Existing::Replace,
-            ..keep.clone()
-        };
+        let (keep, replace) = common::decorators();
         Setup {
             none: Arc::new(Decorator::default()),
             keep: Arc::new(keep),

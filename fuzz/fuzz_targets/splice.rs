@@ -3,6 +3,7 @@
 //! byte for byte what the uncached rewriter produces for that request.
 //!
 //! Input: `SEL OP POS_HI POS_LO BYTE N SIZES[N] HTML`, binary:
+//! - Partners: those of the `rewrite` target (`common::decorators`).
 //! - `SEL`: bit `0x01` the recorded visit has an ID; bit `0x02` the later visits do; bit `0x04`
 //!   the later ID is the hostile one; bits `0x18` the charset (none, UTF-8, windows-1252,
 //!   Shift_JIS); bit `0x80` `existing = "replace"`.
@@ -18,16 +19,17 @@
 
 use std::sync::{Arc, OnceLock};
 
-use kmi_proxy::decorate::{Decorator, Existing};
+mod common;
+
+use common::HOSTILE_ID;
+use kmi_proxy::decorate::Decorator;
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::metrics::Metrics;
-use kmi_proxy::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
 use kmi_proxy::rewrite::{rewrite_chunks, Charset, Page};
 use kmi_proxy::splice::{Key, Recordings, Splicer};
 use libfuzzer_sys::fuzz_target;
 use url::Url;
 
-const HOSTILE_ID: &str = "A-z._~0\"><script>alert(1)</script>&kmi=x#é 😀 %41+";
 
 struct Setup {
     keep: Arc<Decorator>,
@@ -40,45 +42,7 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let mut partners = PartnerSet::default();
-        let mut push = |name: &str, patterns: &[&str], rules: PartnerRules| {
-            partners.push(
-                name.into(),
-                patterns
-                    .iter()
-                    .map(|p| DomainPattern::parse(p).unwrap())
-                    .collect(),
-            );
-            partners.set_rules(rules);
-        };
-        push("checkout", &["checkout.partner.com"], PartnerRules::default());
-        push("network", &["*.partner.net"], PartnerRules::default());
-        push(
-            "redirect",
-            &["redirect.partner.org"],
-            PartnerRules {
-                mode: Mode::Redirect,
-                ..PartnerRules::default()
-            },
-        );
-        push(
-            "forms",
-            &["forms.partner.org"],
-            PartnerRules {
-                forms: true,
-                ..PartnerRules::default()
-            },
-        );
-        let keep = Decorator {
-            partners,
-            param: "kmi".into(),
-            existing: Existing::Keep,
-            ..Decorator::default()
-        };
-        let replace = Decorator {
-            existing: Existing::Replace,
-            ..keep.clone()
-        };
+        let (keep, replace) = common::decorators();
         Setup {
             keep: Arc::new(keep),
             replace: Arc::new(replace),
