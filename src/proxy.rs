@@ -198,7 +198,7 @@ enum Failure {
 }
 
 /// Whether a request could be answered with a page the proxy would rewrite: a GET for HTML (a
-/// browser navigation says so in `Accept`) from a visitor with an ID. Such requests ask the origin
+/// browser navigation says so in `Accept`), or its HEAD, which gets the same headers. Such requests ask the origin
 /// for the whole page, since a byte range of a page that is then rewritten would not fit together.
 fn may_be_rewritten(method: &Method, headers: &HeaderMap) -> bool {
     (method == Method::GET || method == Method::HEAD)

@@ -62,11 +62,6 @@ impl Upgrades {
         Ok(Upgrades(allowed))
     }
 
-    /// Nothing may be tunnelled.
-    pub fn none() -> Upgrades {
-        Upgrades(Vec::new())
-    }
-
     pub fn names(&self) -> &[String] {
         &self.0
     }
