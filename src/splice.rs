@@ -530,7 +530,7 @@ enum Mode {
 
 struct Live {
     rewriter: PageRewriter,
-    sentinel: Sentinel,
+    /// Replaces the sentinel (the rewriter's stand-in ID) with the visitor's ID.
     substitute: Substitute,
     /// Bytes of the sentinel output still to drop: what a replay had already sent.
     skip: usize,
@@ -607,7 +607,6 @@ impl Splicer {
         let id = self.id.as_ref().map(|_| sentinel.id());
         Mode::Live(Box::new(Live {
             rewriter: self.rewriter(id),
-            sentinel,
             substitute: Substitute {
                 sentinel,
                 forms: self.forms.clone(),
@@ -752,7 +751,7 @@ impl Splicer {
         };
         match live
             .recorder
-            .and_then(|r| r.finish(live.sentinel, &self.stats))
+            .and_then(|r| r.finish(live.substitute.sentinel, &self.stats))
         {
             Some(recording) => store.insert(key.clone(), Entry::Page(Arc::new(recording))),
             None => store.release(key, token),
