@@ -28,6 +28,12 @@ pub const REWRITE_WAIT: Duration = Duration::from_secs(1);
 /// out not to be in its coding at all, these are sent as they came instead of failing.
 const HOLD_LIMIT: usize = 64 * 1024;
 
+/// A compressed page whose origin sends nothing for this long gives its decoder's state back
+/// until the next bytes come ([`Decoder::park`]): a stream held open by a slow origin costs its
+/// compressed bytes so far instead of the decoder's windows and tables. Long enough that a page
+/// streaming normally never parks, short enough that a pause of a second is already cheap.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
+
 /// The global budget of concurrent rewrites: a page takes a slot before its first byte is read
 /// and gives it back when its body is done. Past the budget pages queue (fairly, in order); one
 /// that waits longer than its wait limit is passed through unmodified rather than failed, since
@@ -100,6 +106,8 @@ struct Codec {
     more: bool,
     /// The origin's bytes so far, until the decoder has produced output (see [`HOLD_LIMIT`]).
     held: Option<BytesMut>,
+    /// Fires once the origin has been quiet for [`PARK_AFTER`]; made at the first pause.
+    park: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Codec {
@@ -110,6 +118,23 @@ impl Codec {
             pending: Bytes::new(),
             more: false,
             held: Some(BytesMut::new()),
+            park: None,
+        }
+    }
+
+    /// The origin has nothing for us now: once it has been quiet for [`PARK_AFTER`], give the
+    /// decoder's state back. Registers the waker with the timer until then.
+    fn pause(&mut self, cx: &mut Context<'_>) {
+        if !self.decoder.can_park() || self.more {
+            self.park = None;
+            return;
+        }
+        let timer = self
+            .park
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(PARK_AFTER)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.decoder.park();
+            self.park = None;
         }
     }
 
@@ -125,6 +150,11 @@ impl Codec {
         }
         // The origin is only read once the decoder has used up everything before.
         debug_assert!(self.pending.is_empty());
+        if let Some(timer) = &mut self.park {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + PARK_AFTER);
+        }
         self.pending = data;
         self.more = true;
     }
@@ -379,7 +409,14 @@ impl Rewriting {
                     Err(e) => return self.fail(e),
                 }
             }
-            let out = match std::task::ready!(Pin::new(&mut self.upstream).poll_frame(cx)) {
+            let polled = Pin::new(&mut self.upstream).poll_frame(cx);
+            let Poll::Ready(polled) = polled else {
+                if let Some(codec) = &mut self.codec {
+                    codec.pause(cx);
+                }
+                return Poll::Pending;
+            };
+            let out = match polled {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => match &mut self.codec {
                         Some(codec) => {

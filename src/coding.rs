@@ -136,6 +136,15 @@ fn truncated(coding: Coding) -> DecodeError {
     }
 }
 
+/// A decoder keeps the compressed bytes it has used while there are at most this many ...
+pub const PARK_COMPRESSED: usize = 64 * 1024;
+/// ... and they decode to at most this many, so that when its origin pauses it can give its
+/// state back ([`Decoder::park`]) and rebuild it later by decoding them again. A brotli decoder's
+/// ring buffer and tables cost 130-150 KiB on a 119 KB page (an inflater about 43 KiB); the
+/// compressed bytes of a page that size are 10 to 30 KB, and decoding them again takes about a
+/// millisecond, paid once per pause. Past either bound the decoder keeps its state.
+pub const PARK_DECODED: u64 = 1024 * 1024;
+
 /// A decoder that takes compressed bytes and gives back what they decode to, one bounded slice
 /// at a time.
 pub struct Decoder {
@@ -145,6 +154,11 @@ pub struct Decoder {
     saw_input: bool,
     compressed: u64,
     decoded: u64,
+    /// Every compressed byte used so far, while within [`PARK_COMPRESSED`] and
+    /// [`PARK_DECODED`]: what rebuilds a parked decoder.
+    replay: Option<Vec<u8>>,
+    /// The last call gave back nothing: every byte given has been used and decoded.
+    drained: bool,
 }
 
 type BrotliState = brotli::BrotliState<
@@ -168,6 +182,8 @@ enum State {
     },
     /// The compressed stream has ended; anything after it is ignored, as browsers do.
     Done,
+    /// State given back while the origin pauses; `replay` rebuilds it (see [`Decoder::park`]).
+    Parked,
 }
 
 /// One step: input bytes used, output bytes made.
@@ -208,6 +224,8 @@ impl Decoder {
             saw_input: false,
             compressed: 0,
             decoded: 0,
+            replay: Some(Vec::new()),
+            drained: true,
         }
     }
 
@@ -216,17 +234,92 @@ impl Decoder {
         self.decoded
     }
 
+    /// Gives back the decoder's state (windows, ring buffers, tables) while the body pauses,
+    /// keeping only the compressed bytes used so far; the next call rebuilds it by decoding them
+    /// again and dropping that output, which is exactly what was already given back. Does
+    /// nothing (and returns false) unless the decoder is drained, holds state, and is within
+    /// [`PARK_COMPRESSED`] and [`PARK_DECODED`].
+    pub fn park(&mut self) -> bool {
+        let holds_state = matches!(
+            self.state,
+            State::Gzip(_) | State::Flate(_) | State::Brotli(_) | State::Zstd { .. }
+        );
+        if !(self.drained && holds_state && self.replay.is_some()) {
+            return false;
+        }
+        self.state = State::Parked;
+        if let Some(replay) = &mut self.replay {
+            replay.shrink_to_fit();
+        }
+        true
+    }
+
+    /// Whether [`Decoder::park`] would give the state back now.
+    pub fn can_park(&self) -> bool {
+        self.drained
+            && self.replay.is_some()
+            && matches!(
+                self.state,
+                State::Gzip(_) | State::Flate(_) | State::Brotli(_) | State::Zstd { .. }
+            )
+    }
+
+    /// Rebuilds a parked decoder's state from the compressed bytes it had used.
+    fn unpark(&mut self) -> Result<(), DecodeError> {
+        let replay = self.replay.take().unwrap_or_default();
+        let mut fresh = Decoder::new(self.coding);
+        fresh.replay = None;
+        let mut input = &replay[..];
+        let mut scratch = vec![0u8; SLICE];
+        let mut made = 0u64;
+        loop {
+            let (used, out) = fresh.step(input, &mut scratch)?;
+            input = &input[used..];
+            made += out as u64;
+            if used == 0 && out == 0 {
+                break;
+            }
+        }
+        if made != self.decoded || !input.is_empty() {
+            // Decoding is deterministic; this would be a bug, and the page must not go on
+            // from a state that differs from the one it was parked in.
+            return Err(corrupt(self.coding, "the decoder could not be rebuilt"));
+        }
+        self.state = fresh.state;
+        self.replay = Some(replay);
+        Ok(())
+    }
+
     /// Decodes from the front of `input`, advancing it past what was used, and returns at most
     /// [`SLICE`] bytes. An empty result means every byte of `input` has been used and nothing more
     /// comes out without more input; otherwise call again (with the rest, or with nothing).
     pub fn decode(&mut self, input: &mut &[u8]) -> Result<Bytes, DecodeError> {
         self.saw_input |= !input.is_empty();
+        if matches!(self.state, State::Parked) {
+            if input.is_empty() {
+                return Ok(Bytes::new());
+            }
+            self.unpark()?;
+        }
         let mut out = vec![0u8; SLICE];
         loop {
             let (used, made) = self.step(input, &mut out)?;
+            if let Some(replay) = &mut self.replay {
+                if replay.len() + used <= PARK_COMPRESSED
+                    && self.decoded + made as u64 <= PARK_DECODED
+                {
+                    replay.extend_from_slice(&input[..used]);
+                } else {
+                    self.replay = None;
+                }
+            }
+            if matches!(self.state, State::Done) {
+                self.replay = None;
+            }
             *input = &input[used..];
             self.compressed += used as u64;
             if made > 0 {
+                self.drained = false;
                 self.decoded += made as u64;
                 if self.decoded > BOMB_FLOOR && self.decoded > self.compressed * MAX_RATIO {
                     return Err(DecodeError {
@@ -250,6 +343,7 @@ impl Decoder {
                     return Err(corrupt(self.coding, "the decoder made no progress"));
                 }
                 *input = &[];
+                self.drained = true;
                 return Ok(Bytes::new());
             }
         }
@@ -261,11 +355,14 @@ impl Decoder {
         if !self.saw_input {
             return Ok(());
         }
+        if matches!(self.state, State::Parked) {
+            self.unpark()?;
+        }
         let complete = match &self.state {
             State::Done => true,
             State::Gzip(g) => g.may_end(),
             State::Zstd { frame_complete, .. } => *frame_complete,
-            State::Sniffing(_) | State::Flate(_) | State::Brotli(_) => false,
+            State::Sniffing(_) | State::Flate(_) | State::Brotli(_) | State::Parked => false,
         };
         if complete {
             Ok(())
@@ -278,6 +375,10 @@ impl Decoder {
         let coding = self.coding;
         match &mut self.state {
             State::Done => Ok((input.len(), 0)),
+            State::Parked => {
+                self.unpark()?;
+                self.step(input, out)
+            }
             State::Gzip(g) => {
                 let step = g.step(input, out)?;
                 if g.ignoring() {

@@ -492,3 +492,80 @@ async fn an_http2_connection_may_have_at_most_100_requests_in_flight() {
     });
     assert_eq!(max_streams, Some(100), "SETTINGS_MAX_CONCURRENT_STREAMS");
 }
+
+/// A page of `n` sections, each with a partner link and text that repeats across the page, so
+/// the origin's compressor reaches back across the points where it pauses.
+fn long_page(n: usize) -> String {
+    let mut page = String::from("<!DOCTYPE html><html><head><title>Shop</title></head><body>\n");
+    for i in 0..n {
+        page.push_str(&format!(
+            "<section><h2>Offer {i}</h2><p>Our partner handles checkout for every order in \
+             this shop, so the link below goes to their site.</p>\
+             <a href=\"https://checkout.partner.com/pay?order={i}\">Pay for order {i}</a></section>\n"
+        ));
+    }
+    page.push_str("</body></html>\n");
+    page
+}
+
+fn brotli_as_nginx(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = brotli::CompressorWriter::new(&mut out, 4096, 6, 19);
+    w.write_all(data).unwrap();
+    drop(w);
+    out
+}
+
+/// An origin that pauses longer than the proxy waits before giving a decoder's state back
+/// (`body::PARK_AFTER`), three times in one compressed page: the page that reaches the client is
+/// exactly the decorated page, whatever the decoder had to rebuild at each pause.
+#[tokio::test]
+async fn a_compressed_page_whose_origin_pauses_mid_body_is_still_exact() {
+    let page = long_page(300);
+    let expected = page.replace(
+        "\">Pay for order",
+        "&amp;kmi=visitor%40example.com\">Pay for order",
+    );
+    assert_eq!(expected.matches("kmi=").count(), 300);
+    let pause = kmi_proxy::body::PARK_AFTER * 2;
+    for (coding, body) in [
+        ("br", brotli_as_nginx(page.as_bytes())),
+        ("gzip", gzip(page.as_bytes())),
+        ("deflate", zlib(page.as_bytes())),
+    ] {
+        let (feed, channel_body) = channel();
+        let channel_body = Mutex::new(Some(channel_body));
+        let origin = origin()
+            .route("/paused", move |_| {
+                Reply::ok()
+                    .header("content-type", "text/html; charset=utf-8")
+                    .header("content-encoding", coding)
+                    .stream(channel_body.lock().unwrap().take().expect("requested once"))
+            })
+            .start()
+            .await;
+        let proxy = proxy("", origin.addr).await;
+        let request = navigate(proxy.addr, "/paused")
+            .header("accept-encoding", coding)
+            .cookie("km_ni=visitor%40example.com")
+            .send();
+        let sending = async {
+            for part in body.chunks(body.len() / 4 + 1) {
+                feed.part(Bytes::copy_from_slice(part)).await;
+                tokio::time::sleep(pause).await;
+            }
+            feed.finish();
+        };
+        let (rsp, ()) = tokio::join!(request, sending);
+        assert_eq!(rsp.status(), 200, "{coding}");
+        assert_eq!(rsp.headers()["content-encoding"], coding);
+        let bytes = within("the paused page", rsp.into_body().collect())
+            .await
+            .unwrap_or_else(|e| panic!("{coding}: the page broke off: {e}"))
+            .to_bytes();
+        assert!(
+            read_as_browser(coding, &bytes) == expected,
+            "{coding}: the page differs from the decorated page"
+        );
+    }
+}

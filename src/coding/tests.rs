@@ -49,6 +49,122 @@ fn decode(coding: Coding, input: &[u8], chunk: usize) -> Result<Vec<u8>, DecodeE
     Ok(out)
 }
 
+/// Decodes as [`decode`] does, parking the decoder after every piece it drains; returns the page
+/// and how many times it parked.
+fn decode_parking(
+    coding: Coding,
+    input: &[u8],
+    chunk: usize,
+) -> Result<(Vec<u8>, usize), DecodeError> {
+    let mut d = Decoder::new(coding);
+    let (mut out, mut parked) = (Vec::new(), 0);
+    for c in input.chunks(chunk.max(1)) {
+        let mut rest = c;
+        loop {
+            let slice = d.decode(&mut rest)?;
+            if slice.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&slice);
+        }
+        if d.park() {
+            parked += 1;
+            assert!(matches!(d.state, State::Parked));
+        }
+    }
+    d.finish()?;
+    Ok((out, parked))
+}
+
+/// The brotli an origin sends at ngx_brotli's defaults: quality 6, a 512 KiB window.
+fn brotli_as_nginx(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = brotli::CompressorWriter::new(&mut out, 4096, 6, 19);
+    w.write_all(data).unwrap();
+    drop(w);
+    out
+}
+
+#[test]
+fn a_parked_decoder_goes_on_exactly_where_it_stopped() {
+    let input = page();
+    for coding in ALL {
+        let encoded = encode(coding, &input, 1000);
+        for chunk in [1, 333, 4096] {
+            let (out, parked) = decode_parking(coding, &encoded, chunk).unwrap();
+            assert_eq!(out, input, "{coding:?} chunk {chunk}");
+            assert!(parked > 0, "{coding:?} chunk {chunk}: never parked");
+        }
+    }
+    // An origin's own encoders, with windows and back-references across the pause.
+    let big: Vec<u8> = page().repeat(3);
+    for (coding, encoded) in [
+        (Coding::Brotli, brotli_as_nginx(&big)),
+        (Coding::Gzip, gzip(&big)),
+    ] {
+        assert!(
+            encoded.len() < PARK_COMPRESSED,
+            "{coding:?}: {}",
+            encoded.len()
+        );
+        let (out, parked) = decode_parking(coding, &encoded, encoded.len() / 7).unwrap();
+        assert_eq!(out, big, "{coding:?}");
+        assert!(parked > 0, "{coding:?}");
+    }
+}
+
+#[test]
+fn a_parked_decoder_still_knows_a_truncated_stream() {
+    let input = page();
+    for coding in ALL {
+        let encoded = encode(coding, &input, 1000);
+        let cut = &encoded[..encoded.len() / 2];
+        let mut d = Decoder::new(coding);
+        let mut rest = cut;
+        while !d.decode(&mut rest).unwrap().is_empty() {}
+        assert!(d.park(), "{coding:?}");
+        let e = d.finish().unwrap_err();
+        assert_eq!(e.kind, DecodeErrorKind::Truncated, "{coding:?}");
+    }
+}
+
+#[test]
+fn a_decoder_past_its_replay_bounds_keeps_its_state() {
+    // Incompressible bytes: past PARK_COMPRESSED of input the decoder stops keeping a replay.
+    let mut noise = Vec::new();
+    let mut x: u32 = 1;
+    for _ in 0..(PARK_COMPRESSED + 4096) {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        noise.push((x >> 16) as u8);
+    }
+    let encoded = gzip(&noise);
+    let mut d = Decoder::new(Coding::Gzip);
+    let mut rest = &encoded[..];
+    let mut out = Vec::new();
+    loop {
+        let slice = d.decode(&mut rest).unwrap();
+        if slice.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&slice);
+    }
+    assert_eq!(out, noise);
+    assert!(!d.can_park());
+    assert!(!d.park());
+    // A page that decodes to more than PARK_DECODED from a few compressed bytes.
+    let zeros = gzip(&vec![0u8; PARK_DECODED as usize + 1]);
+    let mut d = Decoder::new(Coding::Gzip);
+    let mut rest = &zeros[..];
+    while !d.decode(&mut rest).unwrap().is_empty() {}
+    assert!(!d.park());
+    // A finished stream has nothing to give back.
+    let mut d = Decoder::new(Coding::Brotli);
+    let small = brotli_as_nginx(b"<p>done</p>");
+    let mut rest = &small[..];
+    while !d.decode(&mut rest).unwrap().is_empty() {}
+    assert!(!d.park());
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();
@@ -336,6 +452,29 @@ mod properties {
             }
             body.extend_from_slice(&trailer);
             prop_assert_eq!(decode(Coding::Gzip, &body, chunk).unwrap(), parts.concat());
+        }
+
+        /// Parking between pieces changes nothing: members, trailing bytes and all.
+        #[test]
+        fn parking_between_pieces_changes_nothing(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..400), 1..4),
+            trailer in proptest::collection::vec(any::<u8>(), 0..12),
+            chunk in 1usize..200,
+            which in 0usize..4,
+        ) {
+            let coding = ALL[which];
+            let mut body = Vec::new();
+            if coding == Coding::Gzip {
+                prop_assume!(!trailer.starts_with(&[0x1f, 0x8b]));
+                for p in &parts {
+                    body.extend(gzip(p));
+                }
+                body.extend_from_slice(&trailer);
+            } else {
+                body = encode(coding, &parts.concat(), 97);
+            }
+            let (out, _) = decode_parking(coding, &body, chunk).unwrap();
+            prop_assert_eq!(out, parts.concat());
         }
 
         /// Raw and zlib-wrapped deflate both decode under `deflate`, at every split.
