@@ -494,3 +494,43 @@ mode = "redirect"
     }
     browser.quit().await;
 }
+
+/// Not in the browser: a policy with a nonce is new with every response, so a page whose tag
+/// carries it is never replayed from another response's recording, even when the page's bytes
+/// are the same: each response's tag carries that response's own nonce. (Two things hold this:
+/// the policy is part of the recording's key, and a nonce policy is never recorded; the test
+/// fails only when both are gone, the second being what keeps such pages out of the cache.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_gets_its_own_nonce_even_where_pages_are_spliced() {
+    let served = std::sync::atomic::AtomicUsize::new(0);
+    let site = origin()
+        .route("/", move |_| {
+            let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Reply::html(
+                "<!DOCTYPE html><html><head><title>t</title></head><body>same</body></html>",
+            )
+            .header(
+                "content-security-policy",
+                &format!("script-src 'nonce-r{n}'"),
+            )
+        })
+        .start()
+        .await;
+    let proxy = support::proxy(
+        "[script]\ninject = true\n[[partner]]\nname = \"p\"\ndomains = [\"checkout.partner.test\"]\n",
+        site.addr,
+    )
+    .await;
+    for n in 0..3 {
+        let rsp = support::get(proxy.addr, "/")
+            .header("accept", "text/html")
+            .cookie(COOKIE)
+            .send()
+            .await;
+        let body = support::text_of(rsp).await;
+        assert!(
+            body.contains(&format!("nonce=\"r{n}\"></script></head>")),
+            "response {n} does not carry its own nonce: {body}"
+        );
+    }
+}
