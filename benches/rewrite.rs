@@ -143,6 +143,7 @@ fn subject(path: &Path) -> Subject {
         page: Page {
             url: Url::parse(&url).unwrap(),
             charset: Charset::Sniffed,
+            script: None,
             memory_limit: DEFAULT_MEMORY_LIMIT,
         },
     }

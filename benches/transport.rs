@@ -557,6 +557,7 @@ fn pipeline(config: &Config, site: &Site, coding: Option<Coding>, input: &[u8]) 
     let page = Page {
         url: url::Url::parse(&format!("http://{}/", site.host)).expect("a page URL"),
         charset: charset_of(CONTENT_TYPE_HTML).expect("UTF-8"),
+        script: None,
         memory_limit: config.memory_limit,
     };
     let id = VisitorId::new(ID).expect("a valid ID");

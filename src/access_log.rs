@@ -143,6 +143,13 @@ impl AccessLog {
             if stats.bailed_out() {
                 m.rewriter_bailouts.inc();
             }
+            if let Some(script) = stats.script() {
+                m.script_injections
+                    .get_or_create(&metrics::ResultLabels {
+                        result: script.as_str().to_owned(),
+                    })
+                    .inc();
+            }
         }
     }
 }
@@ -152,6 +159,12 @@ impl Drop for AccessLog {
         self.record_metrics();
         let links = self.stats.as_ref().map_or(0, |s| s.links_decorated());
         let bailed_out = self.stats.as_ref().is_some_and(|s| s.bailed_out());
+        // What became of the link script: how it went in, or the policy that kept it out.
+        let script = self
+            .stats
+            .as_ref()
+            .and_then(|s| s.script())
+            .map_or("-", |s| s.as_str());
         tracing::info!(
             target: "kmi_proxy::access",
             method = %self.method,
@@ -165,6 +178,7 @@ impl Drop for AccessLog {
             rewrite = self.rewrite,
             splice = self.splice.as_ref().map_or("-", |r| r.path().as_str()),
             bailed_out,
+            script,
             body = self.body_outcome,
             error = self.upstream_error.or(self.client_error).unwrap_or("-"),
             tunnel_up = %Count(self.tunnel.map(|(up, _)| up)),

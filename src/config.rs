@@ -15,6 +15,7 @@ use crate::decorate::{Decorator, Existing};
 use crate::partner::{DomainPattern, Mode, PartnerRules, PartnerSet};
 use crate::paths::PathPattern;
 use crate::request::Upgrades;
+use crate::script::{self, Script};
 use crate::tls;
 
 /// The file as operators write it. Every table is optional except `upstream`.
@@ -45,6 +46,8 @@ struct RawConfig {
     consent: RawConsent,
     #[serde(default)]
     redirect: RawRedirect,
+    #[serde(default)]
+    script: RawScript,
     upgrades: Option<Vec<String>>,
     #[serde(default)]
     partner: Vec<RawPartner>,
@@ -72,6 +75,13 @@ struct RawConsent {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedirect {
+    path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScript {
+    inject: Option<bool>,
     path: Option<String>,
 }
 
@@ -197,6 +207,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The protocols a client may switch to through the proxy (`Upgrade`); never `h2c`.
     pub upgrades: Upgrades,
+    /// The click-time link script injected into rewritten pages (`[script] inject = true`),
+    /// generated once from this configuration.
+    pub script: Option<Arc<Script>>,
+    /// Where the script is served (`[script] path`), kept when `inject` is off so `check` can
+    /// print it.
+    pub script_path: String,
 }
 
 /// Values from the environment that take precedence over the file, as containers are usually
@@ -590,6 +606,26 @@ impl Validator {
                 "a path of its own on this site, like \"/_kmi/out\"",
             );
         }
+        let script_path = raw
+            .script
+            .path
+            .unwrap_or_else(|| script::DEFAULT_PATH.to_owned());
+        if !script_path.starts_with('/')
+            || script_path.contains(['?', '#', ' '])
+            || script_path == "/"
+        {
+            self.problem(
+                "script.path",
+                &script_path,
+                "a path of its own on this site, like \"/_kmi/links.js\"",
+            );
+        } else if script_path == redirect_path {
+            self.problem(
+                "script.path",
+                &script_path,
+                "redirect.path already answers this path; give the script a path of its own",
+            );
+        }
         let decorator = Arc::new(Decorator {
             partners,
             param,
@@ -657,6 +693,11 @@ impl Validator {
                 "needs consent.cookie to say which cookie to look in",
             );
         }
+        let script = raw
+            .script
+            .inject
+            .unwrap_or(false)
+            .then(|| Arc::new(Script::new(&decorator, &cookies, &consent, &script_path)));
         let upgrades = match raw.upgrades.as_deref().map(Upgrades::new) {
             None => Upgrades::default(),
             Some(Ok(u)) => u,
@@ -692,6 +733,8 @@ impl Validator {
             admin,
             log_format: raw.log.format.unwrap_or_default(),
             upgrades,
+            script,
+            script_path,
         })
     }
 
@@ -970,6 +1013,22 @@ impl fmt::Display for Config {
         }
         writeln!(f, "honor_gpc = {}", self.consent.honor_gpc)?;
         writeln!(f, "\n[redirect]\npath = {:?}", d.redirect_path)?;
+        writeln!(f, "\n[script]")?;
+        match &self.script {
+            Some(s) => writeln!(
+                f,
+                "# Rewritten pages get <script src=\"{}\"> ({} bytes, the same for every visitor;\n\
+                 # the ID is read in the browser at click time) where their Content-Security-Policy\n\
+                 # lets it run; elsewhere nothing is injected.\ninject = true",
+                s.src(),
+                s.js.len()
+            )?,
+            None => writeln!(
+                f,
+                "# Links that the page's own scripts create are not decorated.\ninject = false"
+            )?,
+        }
+        writeln!(f, "path = {:?}", self.script_path)?;
         let t = &self.timeouts;
         writeln!(f, "\n[timeouts]")?;
         for (key, value) in [

@@ -8,6 +8,9 @@
 //! - [`partner`]: partner domain patterns and host matching. Pure.
 //! - [`decorate`]: one href + ID → decorated href. Pure.
 //! - [`charset`]: how a page's bytes are read (byte order mark, header, `<meta>`). Pure.
+//! - [`csp`]: Content Security Policy: may the injected script run on this page, and how. Pure.
+//! - [`script`]: the click-time link script: generated from the configuration, never holding an
+//!   ID, and the tag written into a page. Pure.
 //! - [`rewrite`]: the streaming HTML rewriter, the only module that knows lol_html.
 //! - [`splice`]: parse once, splice per visitor: recordings of rewrites, replayed with each
 //!   visitor's ID after every byte is verified.
@@ -27,6 +30,7 @@ pub mod charset;
 pub mod coding;
 pub mod config;
 pub mod consent;
+pub mod csp;
 pub mod decorate;
 pub mod demo;
 pub mod headers;
@@ -37,6 +41,7 @@ pub mod paths;
 pub mod proxy;
 pub mod request;
 pub mod rewrite;
+pub mod script;
 pub mod server;
 pub mod splice;
 pub mod tls;

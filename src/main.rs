@@ -132,6 +132,14 @@ fn run(cli: Cli) -> Result<()> {
                 url,
                 charset,
                 memory_limit: config.memory_limit,
+                // As the proxy injects it into a page whose response has no policy header.
+                script: config.script.as_ref().map(|script| {
+                    Arc::new(kmi_proxy::script::Injection {
+                        script: Arc::clone(script),
+                        policies: Vec::new(),
+                        xml: false,
+                    })
+                }),
             };
             let (out, stats) = rewrite::rewrite_chunks(
                 Arc::clone(&config.decorator),

@@ -22,6 +22,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartnerLabels {
     pub partner: String,
 }
@@ -63,6 +68,9 @@ pub struct Metrics {
     pub recordings: Gauge,
     pub recording_bytes: Gauge,
     pub rewriter_bailouts: Counter,
+    /// Pages given the link script, by how (`file`, `file_nonce`, `inline`, `inline_nonce`), or
+    /// the policy that kept it out (`csp_forbids_script_src`, `csp_sandbox`, ...).
+    pub script_injections: Family<ResultLabels, Counter>,
     pub config_reloads: Family<ReasonLabels, Counter>,
 }
 
@@ -168,6 +176,13 @@ impl Metrics {
             "Pages where the rewriter hit its memory limit and passed the rest through",
             rewriter_bailouts.clone(),
         );
+        let script_injections = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "script_injections",
+            "Rewritten pages by what became of the link script: how it was written, or the \
+             Content-Security-Policy that kept it out",
+            script_injections.clone(),
+        );
         let config_reloads = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -191,6 +206,7 @@ impl Metrics {
             recordings,
             recording_bytes,
             rewriter_bailouts,
+            script_injections,
             config_reloads,
         }
     }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::header::{
     HeaderName, HeaderValue, ACCEPT, ACCEPT_RANGES, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH,
-    CONTENT_TYPE, COOKIE, EXPECT, HOST, IF_RANGE, LOCATION, RANGE, UPGRADE,
+    CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, EXPECT, HOST, IF_RANGE, LOCATION, RANGE,
+    UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
@@ -24,9 +25,10 @@ use crate::headers;
 use crate::identity::{self, Identity, VisitorId};
 use crate::metrics::Metrics;
 use crate::rewrite::{self, Charset, Page};
+use crate::script::{Injection, Script};
 use crate::splice::{self, Recordings, Splicer};
 use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
-use crate::{consent, paths, request, tunnel};
+use crate::{consent, csp, paths, request, tunnel};
 use arc_swap::ArcSwap;
 
 const REFRESH: HeaderName = HeaderName::from_static("refresh");
@@ -363,6 +365,13 @@ impl Proxy {
             let id = usable_id(&identity, consent).ok();
             return Err(outbound_redirect(config, &req, id, log));
         }
+        if let Some(script) = config
+            .script
+            .as_ref()
+            .filter(|s| req.uri().path() == s.path)
+        {
+            return Err(serve_script(script, &req, log));
+        }
         let excluded = paths::any_matches(&config.exclude_paths, req.uri().path());
         let method = req.method().clone();
         let upgrade = accepted
@@ -375,7 +384,7 @@ impl Proxy {
             html_get && usable_id(&identity, consent).is_ok() && partners.any_inline();
         // A page that will be rewritten at all asks the origin for the whole page: a range of a
         // page that is then rewritten would not fit together.
-        let whole_page = decorated_page || (html_get && partners.any_redirect());
+        let whole_page = decorated_page || (html_get && rewrites_without_id(config));
         let page = page_url(conn.scheme, authority.as_deref(), &path_and_query, config);
         Ok((
             req,
@@ -618,7 +627,7 @@ impl Proxy {
             status,
             headers,
             id.map(|_| ()),
-            partners.any_redirect(),
+            rewrites_without_id(config),
         );
         if exchange.excluded && !matches!(decision, Decision::NotRewritable(_)) {
             decision = Decision::PageNotRewritten("excluded");
@@ -676,19 +685,54 @@ impl Proxy {
                     .cloned();
                 // The recording of this page, if any: its key holds everything besides the
                 // configuration that can change the rewriter's output.
-                let store = snapshot.recordings.as_ref().map(|store| {
-                    let content_type = parts
-                        .headers
-                        .get(CONTENT_TYPE)
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .unwrap_or_default();
-                    let key = splice::Key::new(exchange.page.as_str(), &content_type, id.is_some());
-                    (Arc::clone(store), key)
+                let content_type = parts
+                    .headers
+                    .get(CONTENT_TYPE)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default();
+                let script = config.script.as_ref().map(|script| {
+                    Arc::new(Injection {
+                        script: Arc::clone(script),
+                        policies: csp::from_headers(
+                            parts
+                                .headers
+                                .get_all(CONTENT_SECURITY_POLICY)
+                                .iter()
+                                .filter_map(|v| v.to_str().ok()),
+                        ),
+                        xml: is_xhtml(&content_type),
+                    })
                 });
+                // The recording of this page, if any: its key holds everything besides the
+                // configuration that can change the rewriter's output. With the script on, that
+                // includes the response's policy, which decides the injected tag: it goes into
+                // the key beside the Content-Type. A policy with a nonce is a new one with
+                // every response, so such a page is parsed each time, never recorded: a replay
+                // would carry another response's nonce.
+                let store = snapshot
+                    .recordings
+                    .as_ref()
+                    .filter(|_| {
+                        !script
+                            .as_ref()
+                            .is_some_and(|s| csp::names_nonce(&s.policies))
+                    })
+                    .map(|store| {
+                        let mut variant = content_type.clone();
+                        if script.is_some() {
+                            for v in parts.headers.get_all(CONTENT_SECURITY_POLICY) {
+                                variant.push_str("\ncsp: ");
+                                variant.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                            }
+                        }
+                        let key = splice::Key::new(exchange.page.as_str(), &variant, id.is_some());
+                        (Arc::clone(store), key)
+                    });
                 let page = Page {
                     url: exchange.page,
                     charset,
                     memory_limit: config.memory_limit,
+                    script,
                 };
                 let rewriter = Splicer::new(Arc::clone(&config.decorator), id, page, store);
                 log.stats = Some(rewriter.stats());
@@ -809,6 +853,83 @@ fn vary_on_identity(headers: &mut HeaderMap, config: &Config) {
     if config.consent.honor_gpc {
         headers::vary_on(headers, "Sec-GPC");
     }
+}
+
+/// Whether pages are rewritten for visitors without a usable ID too: redirect-mode links and the
+/// link script are the same for everyone (the script reads the ID in the browser, where the
+/// visitor may have one by the time they click).
+fn rewrites_without_id(config: &Config) -> bool {
+    config.decorator.partners.any_redirect() || config.script.is_some()
+}
+
+fn is_xhtml(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/xhtml+xml"))
+}
+
+/// The link script, `GET <script.path>`: the same bytes for every visitor. Under its current
+/// version (`?v=`, which the injected tag names) it may be cached for a year, since a
+/// configuration that changes it changes the URL; under any other URL it is revalidated.
+fn serve_script(
+    script: &Script,
+    req: &Request<Incoming>,
+    mut log: AccessLog,
+) -> Response<ResponseBody> {
+    log.rewrite = "script";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the link script answers GET only",
+            log,
+        );
+    }
+    let etag = format!("\"{}\"", script.version);
+    let current = req.uri().query().is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "v" && v == script.version)
+    });
+    let unchanged = req
+        .headers()
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().trim_start_matches("W/") == etag || t.trim() == "*");
+    let (status, body) = if unchanged {
+        (StatusCode::NOT_MODIFIED, bytes::Bytes::new())
+    } else if req.method() == Method::HEAD {
+        (StatusCode::OK, bytes::Bytes::new())
+    } else {
+        (StatusCode::OK, bytes::Bytes::from(script.js.clone()))
+    };
+    log.status = status.as_u16();
+    let mut response = Response::new(ResponseBody::full(body, log));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static(if current {
+            "public, max-age=31536000, immutable"
+        } else {
+            "no-cache"
+        }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(http::header::ETAG, v);
+    }
+    if req.method() == Method::HEAD && !unchanged {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(script.js.len()));
+    }
+    response
 }
 
 /// The ID to use for this request, or why there is none.

@@ -28,9 +28,11 @@ use lol_html::{element, AsciiCompatibleEncoding, MemorySettings};
 use url::Url;
 
 use crate::charset::{self, Confidence, Reading};
+use crate::csp;
 use crate::decorate::{self, Decorator, Outcome};
 use crate::identity::VisitorId;
 use crate::partner::PartnerIndex;
+use crate::script::{Injected, Injection};
 
 pub use crate::charset::{charset_of, Charset, UnsupportedCharset};
 
@@ -42,22 +44,41 @@ pub struct Page {
     pub charset: Charset,
     /// Bytes of lol_html buffering allowed before it bails out and passes the rest through.
     pub memory_limit: usize,
+    /// The click-time link script to inject (`[script] inject`), with the response's policies.
+    pub script: Option<Arc<Injection>>,
 }
 
 /// Counters a rewriter shares with whoever logs the request.
 #[derive(Debug)]
 pub struct RewriteStats {
-    /// Links decorated, indexed by partner.
+    /// Links decorated, indexed by partner, then one counter per [`Injected`] outcome of the
+    /// link script. One array so that a recorded rewrite (which keeps [`RewriteStats::counts`]
+    /// and [`RewriteStats::add`]s them when it is replayed) reports the script as well.
     links: Box<[AtomicUsize]>,
+    partners: usize,
     bailed_out: AtomicUsize,
 }
 
 impl RewriteStats {
     fn new(partners: usize) -> RewriteStats {
         RewriteStats {
-            links: (0..partners).map(|_| AtomicUsize::new(0)).collect(),
+            links: (0..partners + Injected::ALL.len())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            partners,
             bailed_out: AtomicUsize::new(0),
         }
+    }
+
+    /// What became of the link script on this page, if the rewriter got to it.
+    pub fn script(&self) -> Option<Injected> {
+        Injected::ALL
+            .into_iter()
+            .find(|i| self.links[self.partners + i.index()].load(Ordering::Relaxed) > 0)
+    }
+
+    fn count_script(&self, outcome: Injected) {
+        self.links[self.partners + outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counters for a page of a configuration with `partners` partners.
@@ -82,12 +103,15 @@ impl RewriteStats {
 
     /// Links decorated in all.
     pub fn links_decorated(&self) -> usize {
-        self.links.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+        self.links[..self.partners]
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Links decorated for each partner, in configuration order.
     pub fn links_by_partner(&self) -> impl Iterator<Item = (PartnerIndex, usize)> + '_ {
-        self.links
+        self.links[..self.partners]
             .iter()
             .enumerate()
             .map(|(i, n)| (i, n.load(Ordering::Relaxed)))
@@ -138,6 +162,7 @@ enum State {
         links: Box<LinkHandler>,
         charset: Charset,
         memory_limit: usize,
+        script: Option<Arc<Injection>>,
     },
     /// Boxed: lol_html's rewriter is large, and the state is moved when sniffing ends.
     Rewriting(Box<HtmlRewriter<'static, Sink>>),
@@ -177,6 +202,7 @@ impl PageRewriter {
                 links: Box::new(links),
                 charset: page.charset,
                 memory_limit: page.memory_limit,
+                script: page.script,
             },
             out: Arc::new(Mutex::new(BytesMut::with_capacity(16 * 1024))),
             stats,
@@ -227,6 +253,7 @@ impl PageRewriter {
             held,
             mut links,
             memory_limit,
+            script,
             ..
         } = std::mem::replace(&mut self.state, State::Passing)
         else {
@@ -244,7 +271,7 @@ impl PageRewriter {
                 links.encoding = encoding;
                 links.guessed = confidence == Confidence::Guessed;
                 links.declared_at = declared_at;
-                let rewriter = self.rewriter(links, ascii_compatible, memory_limit);
+                let rewriter = self.rewriter(links, ascii_compatible, memory_limit, script);
                 self.state = State::Rewriting(Box::new(rewriter));
             }
         }
@@ -256,17 +283,33 @@ impl PageRewriter {
         mut links: Box<LinkHandler>,
         encoding: AsciiCompatibleEncoding,
         memory_limit: usize,
+        script: Option<Arc<Injection>>,
     ) -> HtmlRewriter<'static, Sink> {
         let sink_out = Arc::clone(&self.out);
         let sink: Sink = Box::new(move |chunk: &[u8]| {
             lock(&sink_out).extend_from_slice(chunk);
         });
         let selector = selectors(links.decorator.partners.any_forms());
-        let settings = Settings::new_send()
-            .append_element_content_handler(element!(selector, move |el| {
+        let injector = script.map(|injection| {
+            Arc::new(Mutex::new(Injector {
+                injection,
+                page_url: links.page_url.clone(),
+                metas: Vec::new(),
+                base_elsewhere: None,
+                done: false,
+                templates: Arc::clone(&links.templates),
+                stats: Arc::clone(&self.stats),
+            }))
+        });
+        let mut settings =
+            Settings::new_send().append_element_content_handler(element!(selector, move |el| {
                 links.handle(el);
                 Ok(())
-            }))
+            }));
+        if let Some(injector) = injector {
+            settings = Injector::handlers(injector, settings);
+        }
+        let settings = settings
             .with_encoding(encoding)
             // The encoding is decided before the first byte reaches lol_html, by the standard's
             // rules (which lol_html's own `<meta>` switch does not follow: it would honour
@@ -311,6 +354,138 @@ impl PageRewriter {
 
     fn take(&self) -> Bytes {
         self.take_mut().freeze()
+    }
+}
+
+/// Places the link script once per page where it runs before a visitor can click: before
+/// `</head>`, else at the start of `<body>` (a page whose head ends implicitly), else at the end
+/// of a page that has neither. The page's `<meta http-equiv="Content-Security-Policy">` policies
+/// met before that point are added to the header's; where they forbid the script, nothing is
+/// written and the page leaves byte for byte as it came.
+struct Injector {
+    injection: Arc<Injection>,
+    page_url: Url,
+    metas: Vec<csp::Policy>,
+    /// The origin to write before the file's path when the first `<base href>` is on another
+    /// origin (a root-relative `src` would go there); `Some("")` for a base on this origin.
+    base_elsewhere: Option<String>,
+    done: bool,
+    /// Shared with the link handler: open `template` elements, whose contents are not the
+    /// document's (their `meta`, `base`, `head` and `body` do not count).
+    templates: Arc<AtomicUsize>,
+    stats: Arc<RewriteStats>,
+}
+
+type SharedInjector = Arc<Mutex<Injector>>;
+
+impl Injector {
+    fn handlers(
+        injector: SharedInjector,
+        settings: Settings<'static, 'static>,
+    ) -> Settings<'static, 'static> {
+        let (meta, base, head, body, end) = (
+            Arc::clone(&injector),
+            Arc::clone(&injector),
+            Arc::clone(&injector),
+            Arc::clone(&injector),
+            injector,
+        );
+        settings
+            .append_element_content_handler(element!("meta[http-equiv][content]", move |el| {
+                lock(&meta).meta(el);
+                Ok(())
+            }))
+            .append_element_content_handler(element!("base[href]", move |el| {
+                lock(&base).base(el);
+                Ok(())
+            }))
+            .append_element_content_handler(element!("head", move |el| {
+                if lock(&head).in_document(el) {
+                    let head = Arc::clone(&head);
+                    // A head whose end tag is implicit never calls this: `body` or the end does.
+                    let _ = el.on_end_tag(Box::new(move |end| {
+                        if let Some(tag) = lock(&head).tag() {
+                            end.before(&tag, ContentType::Html);
+                        }
+                        Ok(())
+                    }));
+                }
+                Ok(())
+            }))
+            .append_element_content_handler(element!("body", move |el| {
+                let mut injector = lock(&body);
+                if injector.in_document(el) {
+                    if let Some(tag) = injector.tag() {
+                        el.prepend(&tag, ContentType::Html);
+                    }
+                }
+                Ok(())
+            }))
+            .append_document_content_handler(lol_html::end!(move |doc_end| {
+                if let Some(tag) = lock(&end).tag() {
+                    doc_end.append(&tag, ContentType::Html);
+                }
+                Ok(())
+            }))
+    }
+
+    /// An HTML element of the document itself (not in a template, not SVG or MathML), before
+    /// the script was placed.
+    fn in_document(&self, el: &Element<'_, '_>) -> bool {
+        !self.done
+            && el.namespace_uri() == HTML_NAMESPACE
+            && self.templates.load(Ordering::Relaxed) == 0
+    }
+
+    fn meta(&mut self, el: &Element<'_, '_>) {
+        let is_csp = el
+            .get_attribute("http-equiv")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("content-security-policy"));
+        if !is_csp || !self.in_document(el) {
+            return;
+        }
+        if let Some(content) = el.get_attribute("content") {
+            let content = htmlize::unescape_attribute(&content).into_owned();
+            self.metas.push(csp::Policy::parse(&content, true));
+        }
+    }
+
+    fn base(&mut self, el: &Element<'_, '_>) {
+        if self.base_elsewhere.is_some() || !self.in_document(el) {
+            return;
+        }
+        let href = el.get_attribute("href").unwrap_or_default();
+        let href = htmlize::unescape_attribute(&href);
+        let elsewhere = self
+            .page_url
+            .join(&href)
+            .is_ok_and(|b| b.origin() != self.page_url.origin());
+        self.base_elsewhere = Some(if elsewhere {
+            self.page_url.origin().ascii_serialization()
+        } else {
+            String::new()
+        });
+    }
+
+    /// Decides once, with every policy met so far, and gives the tag to write if the policies
+    /// let it run.
+    fn tag(&mut self) -> Option<String> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        let injection = &self.injection;
+        let mut policies = injection.policies.clone();
+        policies.append(&mut self.metas);
+        let decision = csp::decide(
+            &policies,
+            &self.page_url,
+            &injection.script.path,
+            !injection.xml,
+        );
+        self.stats.count_script(Injected::of(&decision));
+        let origin = self.base_elsewhere.as_deref().unwrap_or("");
+        decision.ok().map(|p| injection.script.tag(&p, origin))
     }
 }
 

@@ -14,6 +14,9 @@
 //! apt-get when it runs as root, and fails with the command to run otherwise (see
 //! `browser/webdriver.rs`). Run with `cargo test --test browser`.
 //!
+//! `browser/script.rs` covers the injected click-time link script (`[script] inject`): links and
+//! forms built by the page's scripts, KM's `KM.i()`, consent, GPC and Content Security Policy.
+//!
 //! The last test is the oracle of page reading: the fixtures and the corpus pages, each loaded
 //! straight from the origin and through the proxy, compared link by link as Chromium resolves
 //! them (`browser/oracle.rs`).
@@ -22,6 +25,8 @@
 mod common;
 #[path = "browser/oracle.rs"]
 mod oracle;
+#[path = "browser/script.rs"]
+mod script;
 mod support;
 #[path = "browser/webdriver.rs"]
 mod webdriver;

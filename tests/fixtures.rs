@@ -205,6 +205,7 @@ fn long_tag_over_memory_limit_never_loses_a_byte() {
         let page_settings = Page {
             url: url::Url::parse(DEFAULT_URL).unwrap(),
             charset: rewrite::charset_of(DEFAULT_CONTENT_TYPE).unwrap(),
+            script: None,
             memory_limit: config.memory_limit,
         };
         let (actual, stats) = rewrite::rewrite_chunks(
@@ -418,6 +419,7 @@ fn load(dir: &Path, name: &str, shared_config: &str) -> Result<Fixture, String> 
     let page = Page {
         url,
         charset,
+        script: None,
         memory_limit: config.memory_limit,
     };
     Ok(Fixture {

@@ -100,6 +100,7 @@ fn page(content_type: &str) -> Page {
     Page {
         url: url::Url::parse("https://www.site.test/shop/index.html?q=1").unwrap(),
         charset: charset_of(content_type).expect("a charset lol_html reads"),
+        script: None,
         memory_limit: 4 * 1024 * 1024,
     }
 }

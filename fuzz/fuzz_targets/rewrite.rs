@@ -108,6 +108,7 @@ fuzz_target!(|data: &[u8]| {
     let page = Page {
         url: setup.pages[usize::from(sel & 0x20 != 0)].clone(),
         charset,
+        script: None,
         memory_limit: if small_limit {
             SMALL_LIMIT
         } else {

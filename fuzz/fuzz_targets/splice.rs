@@ -87,6 +87,7 @@ fuzz_target!(|data: &[u8]| {
     let page = Page {
         url: Url::parse("https://www.site.test/page/index.html").unwrap(),
         charset,
+        script: None,
         memory_limit: 4 * 1024 * 1024,
     };
     let pos = (usize::from(*pos_hi) << 8 | usize::from(*pos_lo)) % (html.len() + 1);

@@ -467,6 +467,30 @@ impl Browser {
         .await;
     }
 
+    /// Runs a script with arguments (`arguments[0]`, ...); its result.
+    pub async fn script_with(&self, script: &str, args: Value) -> Value {
+        self.must(
+            "running a script with arguments",
+            Method::POST,
+            "/execute/sync",
+            Some(json!({ "script": script, "args": args })),
+        )
+        .await
+    }
+
+    /// Performs WebDriver actions (real input events: pointer presses, keys) and releases them.
+    pub async fn actions(&self, actions: Value) {
+        self.must(
+            "performing input actions",
+            Method::POST,
+            "/actions",
+            Some(json!({ "actions": actions })),
+        )
+        .await;
+        self.must("releasing input actions", Method::DELETE, "/actions", None)
+            .await;
+    }
+
     /// An element's DOM property (`textContent`, `href`, ...).
     pub async fn property(&self, element: &str, name: &str) -> Value {
         self.must(
