@@ -11,6 +11,8 @@ use bytes::Bytes;
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
 
+use crate::pack::Piece;
+
 /// A single content coding the rewriter can undo and redo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Coding {
@@ -232,6 +234,11 @@ impl Decoder {
     /// Decoded bytes given back so far.
     pub fn decoded(&self) -> u64 {
         self.decoded
+    }
+
+    /// Compressed bytes used so far.
+    pub fn compressed(&self) -> u64 {
+        self.compressed
     }
 
     /// Gives back the decoder's state (windows, ring buffers, tables) while the body pauses,
@@ -744,7 +751,9 @@ const ZSTD_WINDOW_LOG: u32 = 17;
 /// blocks the same way). Between chunks a stream holds only the CRC and length, not a compressor
 /// with its 300 KiB of windows and tables: the compressor is one per runtime thread, reused.
 struct GzipSegments {
-    crc: flate2::Crc,
+    /// CRC-32 and length of everything sent so far.
+    crc: u32,
+    len: u64,
     header_sent: bool,
 }
 
@@ -765,7 +774,10 @@ impl GzipSegments {
             out.extend_from_slice(&GZIP_HEADER);
             self.header_sent = true;
         }
-        self.crc.update(chunk);
+        let mut h = crc32fast::Hasher::new_with_initial(self.crc);
+        h.update(chunk);
+        self.crc = h.finalize();
+        self.len += chunk.len() as u64;
         let flush = if last {
             flate2::FlushCompress::Finish
         } else {
@@ -790,10 +802,17 @@ impl GzipSegments {
             Ok::<_, std::io::Error>(())
         })?;
         if last {
-            out.extend_from_slice(&self.crc.sum().to_le_bytes());
-            out.extend_from_slice(&self.crc.amount().to_le_bytes());
+            out.extend_from_slice(&self.crc.to_le_bytes());
+            out.extend_from_slice(&(self.len as u32).to_le_bytes());
         }
         Ok(out)
+    }
+
+    fn header(&mut self, out: &mut Vec<u8>) {
+        if !self.header_sent {
+            out.extend_from_slice(&GZIP_HEADER);
+            self.header_sent = true;
+        }
     }
 }
 
@@ -901,7 +920,8 @@ impl Encoder {
         let level = flate2::Compression::new(GZIP_LEVEL);
         Encoder(match coding {
             Coding::Gzip => EncoderKind::Gzip(GzipSegments {
-                crc: flate2::Crc::new(),
+                crc: 0,
+                len: 0,
                 header_sent: false,
             }),
             Coding::Deflate => {
@@ -937,6 +957,42 @@ impl Encoder {
             }
         };
         Ok(std::mem::take(out).into())
+    }
+
+    /// Whether this encoder can send packed pieces ([`Encoder::packed`]): gzip only, for now.
+    pub fn takes_packed(&self) -> bool {
+        matches!(self.0, EncoderKind::Gzip(_))
+    }
+
+    /// Sends pieces compressed in advance, with `id` in each slot (stored, not compressed: a few
+    /// dozen bytes). Only for an encoder that [`Encoder::takes_packed`]; the stream may go on
+    /// with [`Encoder::write`] and ends with [`Encoder::finish`] as usual.
+    pub fn packed<'a>(&mut self, pieces: impl IntoIterator<Item = (&'a Piece, &'a [u8])>) -> Bytes {
+        let EncoderKind::Gzip(g) = &mut self.0 else {
+            unreachable!("packed pieces for an encoder that does not take them");
+        };
+        let mut out = Vec::new();
+        g.header(&mut out);
+        for (piece, id) in pieces {
+            match piece {
+                Piece::Static(p) => {
+                    out.extend_from_slice(&p.deflate);
+                    g.crc = crate::pack::crc32_combine(g.crc, p.crc, p.shift);
+                    g.len += p.len;
+                }
+                Piece::Slot => {
+                    if id.is_empty() {
+                        continue;
+                    }
+                    crate::pack::stored_block(id, &mut out);
+                    let mut h = crc32fast::Hasher::new_with_initial(g.crc);
+                    h.update(id);
+                    g.crc = h.finalize();
+                    g.len += id.len() as u64;
+                }
+            }
+        }
+        out.into()
     }
 
     /// Ends the compressed stream and returns its last bytes.

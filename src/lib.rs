@@ -14,6 +14,8 @@
 //! - [`rewrite`]: the streaming HTML rewriter, the only module that knows lol_html.
 //! - [`splice`]: parse once, splice per visitor: recordings of rewrites, replayed with each
 //!   visitor's ID after every byte is verified.
+//! - [`pack`]: a recording's output compressed once, in pieces any visitor's ID fits between
+//!   (raw deflate on sync flushes, CRC-32 combined). Pure.
 //! - [`headers`]: hop-by-hop, forwarding and cache-safety header rules. Pure.
 //! - [`proxy`]: one request through the origin and back; decides what gets rewritten.
 //! - [`body`]: response bodies, passed through or rewritten, streamed frame by frame.
@@ -36,6 +38,7 @@ pub mod demo;
 pub mod headers;
 pub mod identity;
 pub mod metrics;
+pub mod pack;
 pub mod partner;
 pub mod paths;
 pub mod proxy;
