@@ -128,6 +128,9 @@ impl AccessLog {
         }
         if let Some(report) = &self.splice {
             Metrics::reason(&m.pages, report.path().as_str());
+            if let Some(how) = report.verified() {
+                Metrics::reason(&m.pages_verified, how);
+            }
             if let Some(at) = report.diverged_at() {
                 m.divergence_offset.observe(at as f64);
             }
@@ -177,6 +180,7 @@ impl Drop for AccessLog {
             links_decorated = links,
             rewrite = self.rewrite,
             splice = self.splice.as_ref().map_or("-", |r| r.path().as_str()),
+            verified = self.splice.as_ref().and_then(|r| r.verified()).unwrap_or("-"),
             bailed_out,
             script,
             body = self.body_outcome,

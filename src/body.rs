@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access_log::AccessLog;
 use crate::coding::{self, Coding, DecodeError, Decoder, Encoder};
-use crate::splice::Splicer;
+use crate::splice::{Splicer, WireStep};
 use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -93,12 +93,18 @@ struct Rewriting {
     gave_up: Option<&'static str>,
     /// Trailers from the origin, held until the rewriter's last bytes are out.
     trailers: Option<http::HeaderMap>,
+    /// The compressed body is being compared with a recording's as it comes
+    /// ([`Splicer::write_wire`]), not decoded.
+    wire: bool,
     ended: bool,
 }
 
 /// A compressed page's coding undone before the rewriter and redone after it.
 struct Codec {
-    decoder: Decoder,
+    coding: Coding,
+    /// Made at the first compressed byte to decode: a body compared compressed with a
+    /// recording ([`Rewriting::wire`]) never needs one unless it differs.
+    decoder: Option<Decoder>,
     encoder: Encoder,
     /// Compressed bytes received but not yet decoded.
     pending: Bytes,
@@ -108,24 +114,35 @@ struct Codec {
     held: Option<BytesMut>,
     /// Fires once the origin has been quiet for [`PARK_AFTER`]; made at the first pause.
     park: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Decoded bytes to drop before the rewriter sees any: what a compressed comparison had
+    /// already verified when the body turned out to differ.
+    skip: u64,
 }
 
 impl Codec {
     fn new(coding: Coding) -> Codec {
         Codec {
-            decoder: Decoder::new(coding),
+            coding,
+            decoder: None,
             encoder: Encoder::new(coding),
             pending: Bytes::new(),
             more: false,
             held: Some(BytesMut::new()),
             park: None,
+            skip: 0,
         }
+    }
+
+    fn decoder(&mut self) -> &mut Decoder {
+        let coding = self.coding;
+        self.decoder.get_or_insert_with(|| Decoder::new(coding))
     }
 
     /// The origin has nothing for us now: once it has been quiet for [`PARK_AFTER`], give the
     /// decoder's state back. Registers the waker with the timer until then.
     fn pause(&mut self, cx: &mut Context<'_>) {
-        if !self.decoder.can_park() || self.more {
+        let can_park = self.decoder.as_ref().is_some_and(Decoder::can_park);
+        if !can_park || self.more {
             self.park = None;
             return;
         }
@@ -133,7 +150,7 @@ impl Codec {
             .park
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(PARK_AFTER)));
         if timer.as_mut().poll(cx).is_ready() {
-            self.decoder.park();
+            self.decoder().park();
             self.park = None;
         }
     }
@@ -161,23 +178,42 @@ impl Codec {
 
     /// The next slice of decoded page (empty once the pending input is used up).
     fn decode(&mut self) -> Result<Bytes, DecodeError> {
-        let mut rest = &self.pending[..];
-        let slice = self.decoder.decode(&mut rest);
-        let used = self.pending.len() - rest.len();
-        let _ = self.pending.split_to(used);
-        let slice = slice?;
-        if slice.is_empty() {
-            self.more = false;
-        } else {
+        loop {
+            let mut pending = std::mem::take(&mut self.pending);
+            let mut rest = &pending[..];
+            let slice = self.decoder().decode(&mut rest);
+            let used = pending.len() - rest.len();
+            let _ = pending.split_to(used);
+            self.pending = pending;
+            let mut slice = slice?;
+            if slice.is_empty() {
+                self.more = false;
+                return Ok(slice);
+            }
             self.held = None;
+            if self.skip > 0 {
+                let dropped = self.skip.min(slice.len() as u64);
+                self.skip -= dropped;
+                let _ = slice.split_to(dropped as usize);
+                if slice.is_empty() {
+                    continue;
+                }
+            }
+            return Ok(slice);
         }
-        Ok(slice)
+    }
+
+    /// Compressed bytes used and page bytes given so far.
+    fn progress(&self) -> (u64, u64) {
+        self.decoder
+            .as_ref()
+            .map_or((0, 0), |d| (d.compressed(), d.decoded()))
     }
 
     /// Whether the body could still be sent as the origin sent it: nothing decoded yet, and all
     /// of it held.
     fn can_pass_through(&self) -> bool {
-        self.held.is_some() && self.decoder.decoded() == 0
+        self.held.is_some() && self.decoder.as_ref().map_or(true, |d| d.decoded() == 0)
     }
 }
 
@@ -238,6 +274,7 @@ impl ResponseBody {
                 passthrough: false,
                 gave_up: None,
                 trailers: None,
+                wire: false,
                 ended: false,
             })),
             log: Some(log),
@@ -367,7 +404,14 @@ impl Rewriting {
             }
             if self.codec.is_none() {
                 if let Some(coding) = self.coding {
-                    self.codec = Some(Box::new(Codec::new(coding)));
+                    let mut codec = Box::new(Codec::new(coding));
+                    self.wire = self.rewriter.compressed(coding);
+                    if self.wire {
+                        // What is sent comes from a recording from the first byte on, so the
+                        // origin's bytes can no longer be sent as they came.
+                        codec.held = None;
+                    }
+                    self.codec = Some(codec);
                 }
             }
             if !self.unread.is_empty() {
@@ -386,7 +430,10 @@ impl Rewriting {
                 // instead of holding it while it decodes.
                 let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 coop.made_progress();
-                let plain = match codec.decode() {
+                let plain = codec.decode();
+                let (used, given) = codec.progress();
+                self.rewriter.wire_mark(used, given);
+                let plain = match plain {
                     Ok(plain) => plain,
                     Err(e) if codec.can_pass_through() => {
                         tracing::debug!("page sent as the origin sent it: {e}");
@@ -398,16 +445,20 @@ impl Rewriting {
                 if plain.is_empty() {
                     continue;
                 }
-                let out = self.rewriter.write(&plain);
-                if out.is_empty() {
-                    // Nothing to flush: an empty flush would still cost a few bytes on the wire.
-                    continue;
-                }
-                match codec.encoder.write(&out) {
+                match self.rewriter.write_encoded(&plain, &mut codec.encoder) {
                     Ok(out) if out.is_empty() => continue,
                     Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
                     Err(e) => return self.fail(e),
                 }
+            }
+            if self.upstream_done {
+                // The origin's body ended while compared compressed and differed at its end:
+                // what was left to decode is done.
+                return match self.end() {
+                    Ok(out) if out.is_empty() => continue,
+                    Ok(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
+                    Err(e) => self.fail(e),
+                };
             }
             let polled = Pin::new(&mut self.upstream).poll_frame(cx);
             let Poll::Ready(polled) = polled else {
@@ -419,7 +470,29 @@ impl Rewriting {
             let out = match polled {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => match &mut self.codec {
+                        Some(codec) if self.wire => {
+                            let step = self.rewriter.write_wire(&data, &mut codec.encoder);
+                            match step {
+                                Ok(WireStep::Verified(out)) => out,
+                                Ok(WireStep::Decode {
+                                    out,
+                                    redo,
+                                    from,
+                                    skip,
+                                }) => {
+                                    self.wire = false;
+                                    codec.skip = skip;
+                                    let mut again = BytesMut::with_capacity(redo.len() + data.len());
+                                    again.extend_from_slice(&redo);
+                                    again.extend_from_slice(&data[from..]);
+                                    codec.take(again.freeze());
+                                    out
+                                }
+                                Err(e) => return self.fail(e),
+                            }
+                        }
                         Some(codec) => {
+                            self.rewriter.wire_taken(&data);
                             codec.take(data);
                             continue;
                         }
@@ -500,7 +573,27 @@ impl Rewriting {
             self.permit = None;
             return Ok(self.rewriter.end());
         };
-        if let Err(e) = codec.decoder.finish() {
+        if self.wire {
+            self.wire = false;
+            match self.rewriter.end_wire(&mut codec.encoder)? {
+                WireStep::Verified(out) => {
+                    self.ended = true;
+                    self.permit = None;
+                    self.codec = None;
+                    return Ok(out);
+                }
+                // Shorter than the recording: decode what was verified, then end as usual
+                // (a compressed stream cut short ends the response with an error).
+                WireStep::Decode {
+                    out, redo, skip, ..
+                } => {
+                    codec.skip = skip;
+                    codec.take(redo);
+                    return Ok(out);
+                }
+            }
+        }
+        if let Err(e) = codec.decoder().finish() {
             if codec.can_pass_through() {
                 tracing::debug!("page sent as the origin sent it: {e}");
                 self.give_up("undecodable");
@@ -510,14 +603,9 @@ impl Rewriting {
         }
         self.ended = true;
         self.permit = None;
-        let out = self.rewriter.end();
-        let mut compressed = BytesMut::new();
-        if !out.is_empty() {
-            compressed.extend_from_slice(&codec.encoder.write(&out)?);
-        }
-        compressed.extend_from_slice(&codec.encoder.finish()?);
+        let out = self.rewriter.end_encoded(&mut codec.encoder)?;
         self.codec = None;
-        Ok(compressed.freeze())
+        Ok(out)
     }
 }
 

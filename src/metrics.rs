@@ -63,6 +63,7 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Rewritten pages by the path that served them: parsed, recorded, spliced, diverged.
     pub pages: Family<ReasonLabels, Counter>,
+    pub pages_verified: Family<ReasonLabels, Counter>,
     /// Where a replay met its first differing byte, in input bytes.
     pub divergence_offset: Histogram,
     pub recordings: Gauge,
@@ -144,6 +145,13 @@ impl Metrics {
             "Rewritten pages by the path that served them (parsed, recorded, spliced, diverged)",
             pages.clone(),
         );
+        let pages_verified = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "pages_verified",
+            "Compressed pages answered from a recording, by how the origin's body was compared \
+             with it: compressed (no decoding) or decoded",
+            pages_verified.clone(),
+        );
         let divergence_offset = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(64.0, 4.0, 10),
         );
@@ -202,6 +210,7 @@ impl Metrics {
             bytes,
             open_connections,
             pages,
+            pages_verified,
             divergence_offset,
             recordings,
             recording_bytes,

@@ -23,7 +23,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +31,9 @@ use memchr::memmem;
 
 use crate::decorate::Decorator;
 use crate::identity::VisitorId;
+use crate::coding::{Coding, Encoder};
 use crate::metrics::Metrics;
+use crate::pack::{Pack, Piece};
 use crate::rewrite::{Page, PageRewriter, RewriteStats};
 
 /// `kmi` and 32 hex digits: what every sentinel starts with.
@@ -135,6 +137,40 @@ pub struct Recording {
     links: Vec<usize>,
     /// Divergences in a row up to this recording.
     misses: AtomicU32,
+    /// The output packed for gzip, made when a gzip response first replays it.
+    gzip: OnceLock<Pack>,
+    /// The origin's compressed body, when the page came compressed: a later response in the
+    /// same coding is compared with it as it arrives, with no decoding at all.
+    wire: Option<Wire>,
+}
+
+/// An origin's compressed body as recorded.
+struct Wire {
+    coding: Coding,
+    bytes: Bytes,
+    /// `(c, p)`: the decoder had given the page's `[0, p)` once it had used the compressed
+    /// `[0, c)`. Both never decrease; the last is the whole body and the whole page.
+    marks: Vec<(usize, usize)>,
+}
+
+impl Wire {
+    /// How much of the page compressed bytes `[0, c)` determine: decoding is a function of the
+    /// bytes used, so equal compressed prefixes decode to equal page prefixes.
+    fn page_at(&self, c: usize) -> usize {
+        let i = self.marks.partition_point(|&(at, _)| at <= c);
+        if i == 0 {
+            0
+        } else {
+            self.marks[i - 1].1
+        }
+    }
+}
+
+/// A compressed body being recorded beside the page.
+struct WireRecorder {
+    coding: Coding,
+    bytes: BytesMut,
+    marks: Vec<(usize, usize)>,
 }
 
 impl Recording {
@@ -145,7 +181,25 @@ impl Recording {
             + self.slots.len() * 16
             + self.checkpoints.len() * 16
             + self.links.len() * 8
+            + self.gzip.get().map_or(0, Pack::weight)
+            + self
+                .wire
+                .as_ref()
+                .map_or(0, |w| w.bytes.len() + w.marks.len() * 16)
             + 256
+    }
+
+    /// The output packed for gzip; true beside it when this call made it.
+    fn gzip_pack(&self) -> (&Pack, bool) {
+        let mut made = false;
+        let pack = self.gzip.get_or_init(|| {
+            made = true;
+            let slots: Vec<(usize, usize)> =
+                self.slots.iter().map(|&(at, _)| (at, SENTINEL_LEN)).collect();
+            let cuts: Vec<usize> = self.checkpoints.iter().map(|&(_, n)| n).collect();
+            Pack::gzip(&self.output, &slots, &cuts)
+        });
+        (pack, made)
     }
 
     /// The output `[from, to)` for a visitor: static bytes shared with the recording where there
@@ -187,6 +241,9 @@ struct Recorder {
     limit: usize,
     /// Divergences in a row before this page.
     misses: u32,
+    /// The origin's compressed body, for a recording made from the first byte of a
+    /// compressed response.
+    wire: Option<WireRecorder>,
 }
 
 impl Recorder {
@@ -197,14 +254,20 @@ impl Recorder {
             checkpoints: Vec::new(),
             limit,
             misses,
+            wire: None,
         }
+    }
+
+    fn held(&self) -> usize {
+        self.input.len() + self.output.len() + self.wire.as_ref().map_or(0, |w| w.bytes.len())
     }
 
     /// Whether the page is still small enough to record; false drops what was held.
     fn fits(&mut self, more: usize) -> bool {
-        if self.input.len() + self.output.len() + more > self.limit {
+        if self.held() + more > self.limit {
             self.input = BytesMut::new();
             self.output = BytesMut::new();
+            self.wire = None;
             self.limit = 0;
             return false;
         }
@@ -247,6 +310,14 @@ impl Recorder {
                 }
             }
         }
+        // The compressed body is usable only if its last mark is the whole page.
+        let wire = self.wire.take().and_then(|w| {
+            (w.marks.last() == Some(&(w.bytes.len(), self.input.len()))).then(|| Wire {
+                coding: w.coding,
+                bytes: Bytes::copy_from_slice(&w.bytes),
+                marks: w.marks,
+            })
+        });
         Some(Recording {
             sentinel,
             input: Bytes::copy_from_slice(&self.input),
@@ -255,6 +326,8 @@ impl Recorder {
             checkpoints: self.checkpoints,
             links: stats.counts(),
             misses: AtomicU32::new(self.misses),
+            gzip: OnceLock::new(),
+            wire,
         })
     }
 }
@@ -341,6 +414,8 @@ impl Path {
 pub struct SpliceReport {
     path: AtomicU8,
     diverged_at: AtomicUsize,
+    /// For a compressed page from a recording: 1 compared compressed, 2 decoded.
+    verified: AtomicU8,
 }
 
 impl SpliceReport {
@@ -356,6 +431,16 @@ impl SpliceReport {
     /// The input offset of the first differing byte, for a diverged replay.
     pub fn diverged_at(&self) -> Option<usize> {
         (self.path() == Path::Diverged).then(|| self.diverged_at.load(Ordering::Relaxed))
+    }
+
+    /// How a compressed page answered from a recording was compared with it: `compressed`
+    /// (the origin's bytes were the recorded ones, nothing decoded) or `decoded`.
+    pub fn verified(&self) -> Option<&'static str> {
+        match self.verified.load(Ordering::Relaxed) {
+            1 => Some("compressed"),
+            2 => Some("decoded"),
+            _ => None,
+        }
     }
 
     fn set(&self, path: Path) {
@@ -387,16 +472,29 @@ impl Key {
 
 #[derive(Clone)]
 enum Entry {
-    Page(Arc<Recording>),
+    /// A recording and its weight when inserted: quick_cache weighs an entry again when it is
+    /// replaced, and a recording grows (its packs) after insertion, so the entry keeps the
+    /// figure it was inserted with.
+    Page(Arc<Recording>, usize),
     /// Diverged too often: parse without recording until then.
     Unstable(Instant),
     /// One request is recording this page (`token` names it): the others parse without
     /// recording meanwhile, so a burst of first visitors holds one copy of the page, not one
     /// each. Expires, in case the recording request never finishes.
+    /// A compressed page diverged after this many recordings in a row: the next request
+    /// records it again from its first byte.
+    Retry { misses: u32 },
     Recording {
         until: Instant,
         token: u64,
     },
+}
+
+impl Entry {
+    fn page(recording: Arc<Recording>) -> Entry {
+        let weight = recording.weight();
+        Entry::Page(recording, weight)
+    }
 }
 
 #[derive(Clone)]
@@ -405,8 +503,8 @@ struct Weight;
 impl quick_cache::Weighter<Key, Entry> for Weight {
     fn weight(&self, key: &Key, entry: &Entry) -> u64 {
         let entry = match entry {
-            Entry::Page(r) => r.weight(),
-            Entry::Unstable(_) | Entry::Recording { .. } => 64,
+            Entry::Page(_, weight) => *weight,
+            Entry::Unstable(_) | Entry::Recording { .. } | Entry::Retry { .. } => 64,
         };
         (key.url.len() + key.content_type.len() + entry) as u64
     }
@@ -424,7 +522,7 @@ pub struct Recordings {
 enum Lookup {
     Replay(Arc<Recording>),
     /// Record it; the claim's token.
-    Record(u64),
+    Record(u64, u32),
     Parse,
 }
 
@@ -453,11 +551,12 @@ impl Recordings {
     fn lookup(&self, key: &Key) -> Lookup {
         let now = Instant::now();
         match self.cache.get(key) {
-            Some(Entry::Page(r)) => Lookup::Replay(r),
+            Some(Entry::Page(r, _)) => Lookup::Replay(r),
             Some(Entry::Unstable(until)) | Some(Entry::Recording { until, .. }) if now < until => {
                 Lookup::Parse
             }
-            _ => Lookup::Record(self.claim(key)),
+            Some(Entry::Retry { misses }) => Lookup::Record(self.claim(key), misses),
+            _ => Lookup::Record(self.claim(key), 0),
         }
     }
 
@@ -475,7 +574,7 @@ impl Recordings {
     /// already replaced `old`.
     fn claim_after(&self, key: &Key, old: &Arc<Recording>) -> Option<u64> {
         match self.cache.get(key) {
-            Some(Entry::Page(current)) if Arc::ptr_eq(&current, old) => Some(self.claim(key)),
+            Some(Entry::Page(current, _)) if Arc::ptr_eq(&current, old) => Some(self.claim(key)),
             _ => None,
         }
     }
@@ -492,6 +591,15 @@ impl Recordings {
         self.cache.insert(key, entry);
         self.metrics.recordings.set(self.cache.len() as i64);
         self.metrics.recording_bytes.set(self.cache.weight() as i64);
+    }
+
+    /// Weighs `key`'s entry again if it still is `recording` (which has grown a pack).
+    fn reweigh(&self, key: &Key, recording: &Recording) {
+        if let Some(Entry::Page(current, _)) = self.cache.get(key) {
+            if std::ptr::eq(Arc::as_ptr(&current), recording) {
+                self.insert(key.clone(), Entry::page(current));
+            }
+        }
     }
 
     /// Recordings held and their bytes.
@@ -515,6 +623,25 @@ pub struct Splicer {
     claim: Option<u64>,
     stats: Arc<RewriteStats>,
     report: Arc<SpliceReport>,
+    /// The response's content coding, once the body has said (see [`Splicer::compressed`]).
+    coding: Option<Coding>,
+}
+
+/// What comparing compressed bytes with a recording gave.
+pub enum WireStep {
+    /// Every byte so far equal: send this.
+    Verified(Bytes),
+    /// The bytes differ (or the body ended early): send `out`, then decode `redo` (the recorded
+    /// compressed bytes up to the difference) and the live bytes from the difference on, and
+    /// give the page to [`Splicer::write_encoded`] after its first `skip` bytes (already
+    /// verified).
+    Decode {
+        out: Bytes,
+        redo: Bytes,
+        /// Where in the frame the live bytes to decode start.
+        from: usize,
+        skip: u64,
+    },
 }
 
 enum Mode {
@@ -539,6 +666,9 @@ struct Live {
 
 struct Replay {
     recording: Arc<Recording>,
+    /// Compressed bytes compared equal with the recording's so far, while the live body is
+    /// compared compressed (see [`Splicer::compressed`]).
+    wire: Option<usize>,
     /// Input bytes compared equal so far.
     verified: usize,
     /// Output (in the recording's coordinates) sent so far.
@@ -565,6 +695,7 @@ impl Splicer {
             claim: None,
             stats,
             report: Arc::new(SpliceReport::default()),
+            coding: None,
         };
         let lookup = match &splicer.store {
             None => Lookup::Parse,
@@ -575,16 +706,17 @@ impl Splicer {
                 splicer.report.set(Path::Parsed);
                 Mode::Parse(Box::new(splicer.rewriter(splicer.id.clone())))
             }
-            Lookup::Record(token) => {
+            Lookup::Record(token, misses) => {
                 splicer.claim = Some(token);
                 splicer.report.set(Path::Recorded);
                 let limit = splicer.store.as_ref().map_or(0, |(s, _)| s.page_limit);
-                splicer.live(Sentinel::random(), 0, Some(Recorder::new(limit, 0)))
+                splicer.live(Sentinel::random(), 0, Some(Recorder::new(limit, misses)))
             }
             Lookup::Replay(recording) => {
                 splicer.report.set(Path::Spliced);
                 Mode::Replay(Replay {
                     recording,
+                    wire: None,
                     verified: 0,
                     sent: 0,
                 })
@@ -652,6 +784,201 @@ impl Splicer {
         }
     }
 
+    /// Feeds one chunk of the page; returns the output that is ready, through `encoder`. A
+    /// replay into a gzip stream sends the recording's packed pieces (compressed once per
+    /// recording) with the visitor's ID between them; every other path compresses its output.
+    pub fn write_encoded(&mut self, chunk: &[u8], encoder: &mut Encoder) -> std::io::Result<Bytes> {
+        let Mode::Replay(replay) = &mut self.mode else {
+            return encode(self.write(chunk), encoder);
+        };
+        if !encoder.takes_packed() {
+            return encode(self.write(chunk), encoder);
+        }
+        let rest = &replay.recording.input[replay.verified..];
+        let same = common_prefix(chunk, rest);
+        let verified = replay.verified + same;
+        replay.verified = verified;
+        let to = replay.recording.covered(verified);
+        let before = self.send_packed(to, encoder);
+        if same == chunk.len() {
+            return Ok(before);
+        }
+        let after = encode(self.diverge(verified, &chunk[same..]), encoder)?;
+        Ok(join(before, after))
+    }
+
+    /// Ends the page through `encoder` (see [`Splicer::write_encoded`]), the compressed
+    /// stream's end included.
+    pub fn end_encoded(&mut self, encoder: &mut Encoder) -> std::io::Result<Bytes> {
+        if let Mode::Replay(replay) = &self.mode {
+            if encoder.takes_packed() && replay.verified == replay.recording.input.len() {
+                let recording = Arc::clone(&replay.recording);
+                let out = self.send_packed(recording.output.len(), encoder);
+                recording.misses.store(0, Ordering::Relaxed);
+                self.stats.add(&recording.links);
+                self.mode = Mode::Done;
+                return Ok(join(out, encoder.finish()?));
+            }
+        }
+        let out = encode(self.end(), encoder)?;
+        Ok(join(out, encoder.finish()?))
+    }
+
+    /// The body says the response is compressed with `coding`, before its first byte. A
+    /// recording made now keeps the compressed body too; a replay of a recording whose body came
+    /// in the same coding compares compressed bytes ([`Splicer::write_wire`]) and returns true.
+    pub fn compressed(&mut self, coding: Coding) -> bool {
+        self.coding = Some(coding);
+        match &mut self.mode {
+            Mode::Live(live) => {
+                if let Some(r) = live.recorder.as_mut().filter(|r| r.input.is_empty()) {
+                    r.wire = Some(WireRecorder {
+                        coding,
+                        bytes: BytesMut::new(),
+                        marks: Vec::new(),
+                    });
+                }
+                false
+            }
+            Mode::Replay(replay) => {
+                let same = matches!(&replay.recording.wire, Some(w) if w.coding == coding);
+                if same {
+                    replay.wire = Some(0);
+                }
+                let how = if same { 1 } else { 2 };
+                self.report.verified.store(how, Ordering::Relaxed);
+                same
+            }
+            Mode::Parse(_) | Mode::Done => false,
+        }
+    }
+
+    /// Compressed bytes the body took from the origin, for a recording of them.
+    pub fn wire_taken(&mut self, compressed: &[u8]) {
+        if let Mode::Live(live) = &mut self.mode {
+            if let Some(r) = &mut live.recorder {
+                if r.wire.is_some() && r.fits(compressed.len()) {
+                    if let Some(w) = &mut r.wire {
+                        w.bytes.extend_from_slice(compressed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The decoder has used `compressed` bytes and given `decoded` bytes of page so far.
+    pub fn wire_mark(&mut self, compressed: u64, decoded: u64) {
+        if let Mode::Live(live) = &mut self.mode {
+            if let Some(w) = live.recorder.as_mut().and_then(|r| r.wire.as_mut()) {
+                let mark = (compressed as usize, decoded as usize);
+                if w.marks.last() != Some(&mark) {
+                    w.marks.push(mark);
+                }
+            }
+        }
+    }
+
+    /// Compares a frame of the compressed body with the recording's and sends the output the
+    /// verified bytes determine, through `encoder`. Only after [`Splicer::compressed`] said yes.
+    pub fn write_wire(
+        &mut self,
+        frame: &[u8],
+        encoder: &mut Encoder,
+    ) -> std::io::Result<WireStep> {
+        let Mode::Replay(replay) = &mut self.mode else {
+            return Err(std::io::Error::other("compressed replay without a recording"));
+        };
+        let (Some(at), Some(wire)) = (replay.wire, replay.recording.wire.as_ref()) else {
+            return Err(std::io::Error::other("compressed replay without a recording"));
+        };
+        let same = common_prefix(frame, &wire.bytes[at..]);
+        let at = at + same;
+        replay.wire = Some(at);
+        replay.verified = replay.verified.max(wire.page_at(at));
+        let to = replay.recording.covered(replay.verified);
+        let out = self.send_through(to, encoder)?;
+        if same == frame.len() {
+            return Ok(WireStep::Verified(out));
+        }
+        Ok(self.leave_wire(out, same))
+    }
+
+    /// Ends a body compared compressed: the whole page, if the body was the recorded one to its
+    /// last byte; otherwise what to decode.
+    pub fn end_wire(&mut self, encoder: &mut Encoder) -> std::io::Result<WireStep> {
+        let Mode::Replay(replay) = &self.mode else {
+            return Err(std::io::Error::other("compressed replay without a recording"));
+        };
+        let whole = matches!(
+            (replay.wire, &replay.recording.wire),
+            (Some(at), Some(w)) if at == w.bytes.len()
+        );
+        if whole && replay.verified == replay.recording.input.len() {
+            return self.end_encoded(encoder).map(WireStep::Verified);
+        }
+        Ok(self.leave_wire(Bytes::new(), 0))
+    }
+
+    /// From comparing compressed bytes to comparing decoded ones.
+    fn leave_wire(&mut self, out: Bytes, from: usize) -> WireStep {
+        let Mode::Replay(replay) = &mut self.mode else {
+            unreachable!("only a replay compares compressed bytes");
+        };
+        let at = replay.wire.take().unwrap_or(0);
+        self.report.verified.store(2, Ordering::Relaxed);
+        let redo = replay
+            .recording
+            .wire
+            .as_ref()
+            .map_or_else(Bytes::new, |w| w.bytes.slice(..at));
+        WireStep::Decode {
+            out,
+            redo,
+            from,
+            skip: replay.verified as u64,
+        }
+    }
+
+    /// The recording's output up to `to`, through `encoder`: packed pieces where it takes them.
+    fn send_through(&mut self, to: usize, encoder: &mut Encoder) -> std::io::Result<Bytes> {
+        if encoder.takes_packed() {
+            Ok(self.send_packed(to, encoder))
+        } else {
+            let plain = self.send_recorded(to);
+            encode(plain, encoder)
+        }
+    }
+
+    /// Sends the recording's output up to `to` as packed gzip pieces.
+    fn send_packed(&mut self, to: usize, encoder: &mut Encoder) -> Bytes {
+        let Mode::Replay(replay) = &mut self.mode else {
+            return Bytes::new();
+        };
+        if to <= replay.sent {
+            return Bytes::new();
+        }
+        let recording = &replay.recording;
+        let (pack, made) = recording.gzip_pack();
+        if made {
+            // The store weighs an entry when it is inserted: weigh it again with its pack.
+            if let Some((store, key)) = &self.store {
+                store.reweigh(key, recording);
+            }
+        }
+        let first_slot = recording.slots.partition_point(|&(at, _)| at < replay.sent);
+        let mut slots = recording.slots[first_slot..].iter();
+        let forms = &self.forms;
+        let out = encoder.packed(pack.range(replay.sent, to).iter().map(|piece| {
+            let id: &[u8] = match piece {
+                Piece::Slot => slots.next().map_or(&[][..], |&(_, form)| forms.get(form)),
+                Piece::Static(_) => &[],
+            };
+            (piece, id)
+        }));
+        replay.sent = to;
+        out
+    }
+
     /// Ends the page; returns the last output.
     pub fn end(&mut self) -> Bytes {
         let out = match &mut self.mode {
@@ -714,6 +1041,14 @@ impl Splicer {
                 store.insert(key.clone(), Entry::Unstable(Instant::now() + UNSTABLE_FOR));
                 None
             }
+            // A compressed page is recorded again from its first byte, by the next request, so
+            // that its compressed body is recorded too (this request has not kept it).
+            Some((store, key)) if self.coding.is_some() => {
+                if store.claim_after(key, &recording).is_some() {
+                    store.insert(key.clone(), Entry::Retry { misses });
+                }
+                None
+            }
             // Of the requests replaying the old recording, the first to diverge re-records.
             Some((store, key)) => store
                 .claim_after(key, &recording)
@@ -753,7 +1088,7 @@ impl Splicer {
             .recorder
             .and_then(|r| r.finish(live.substitute.sentinel, &self.stats))
         {
-            Some(recording) => store.insert(key.clone(), Entry::Page(Arc::new(recording))),
+            Some(recording) => store.insert(key.clone(), Entry::page(Arc::new(recording))),
             None => store.release(key, token),
         }
     }
@@ -825,6 +1160,16 @@ impl Live {
             self.substitute.finish(&mut out);
         }
         out.freeze()
+    }
+}
+
+/// Plain output through the page's encoder (nothing for nothing: an empty flush still costs
+/// bytes on the wire).
+fn encode(plain: Bytes, encoder: &mut Encoder) -> std::io::Result<Bytes> {
+    if plain.is_empty() {
+        Ok(Bytes::new())
+    } else {
+        encoder.write(&plain)
     }
 }
 
