@@ -218,6 +218,17 @@ impl Reply {
         self
     }
 
+    /// A body sent as these frames, one after another, chunked.
+    pub fn parts(mut self, parts: Vec<Bytes>) -> Reply {
+        let frames = futures_util::stream::iter(
+            parts
+                .into_iter()
+                .map(|p| Ok::<_, BoxError>(Frame::data(p))),
+        );
+        self.body = boxed(http_body_util::StreamBody::new(frames));
+        self
+    }
+
     /// A body the test sends part by part (chunked, unless a `Content-Length` header is given).
     pub fn stream(mut self, body: ChannelBody) -> Reply {
         self.body = boxed(body);
