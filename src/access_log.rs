@@ -36,6 +36,8 @@ pub struct AccessLog {
     pub tunnel: Option<(u64, u64)>,
     /// Why the visitor's identity cookie was not usable, if it was not.
     pub id_rejected: Option<&'static str>,
+    /// The coding the proxy compressed an uncompressed page in, if it did.
+    pub encoded: Option<&'static str>,
     /// A link decorated outside a page (a click-time redirect), by partner.
     redirected_to: Option<PartnerIndex>,
     metrics: Arc<Metrics>,
@@ -69,6 +71,7 @@ impl AccessLog {
             client_error: None,
             tunnel: None,
             id_rejected: None,
+            encoded: None,
             redirected_to: None,
             metrics,
             decorator,
@@ -181,6 +184,7 @@ impl Drop for AccessLog {
             rewrite = self.rewrite,
             splice = self.splice.as_ref().map_or("-", |r| r.path().as_str()),
             verified = self.splice.as_ref().and_then(|r| r.verified()).unwrap_or("-"),
+            encoded = self.encoded.unwrap_or("-"),
             bailed_out,
             script,
             body = self.body_outcome,

@@ -97,6 +97,9 @@ struct Rewriting {
     /// ([`Splicer::write_wire`]), not decoded.
     wire: bool,
     ended: bool,
+    /// An uncompressed page sent compressed (see `proxy::Exchange::accepts`): everything that
+    /// goes out, rewritten or passed through, goes through it.
+    encoder: Option<Encoder>,
 }
 
 /// A compressed page's coding undone before the rewriter and redone after it.
@@ -245,6 +248,7 @@ impl ResponseBody {
         body: UpstreamBody,
         rewriter: Splicer,
         coding: Option<Coding>,
+        encode: Option<Coding>,
         budget: &RewriteBudget,
         log: AccessLog,
     ) -> ResponseBody {
@@ -276,6 +280,7 @@ impl ResponseBody {
                 trailers: None,
                 wire: false,
                 ended: false,
+                encoder: encode.map(Encoder::new),
             })),
             log: Some(log),
         }
@@ -418,7 +423,13 @@ impl Rewriting {
                 let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 coop.made_progress();
                 let piece = self.unread.split_to(self.unread.len().min(coding::SLICE));
-                let out = self.rewriter.write(&piece);
+                let out = match &mut self.encoder {
+                    Some(encoder) => match self.rewriter.write_encoded(&piece, encoder) {
+                        Ok(out) => out,
+                        Err(e) => return self.fail(e),
+                    },
+                    None => self.rewriter.write(&piece),
+                };
                 if !out.is_empty() {
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
@@ -482,7 +493,8 @@ impl Rewriting {
                                 }) => {
                                     self.wire = false;
                                     codec.skip = skip;
-                                    let mut again = BytesMut::with_capacity(redo.len() + data.len());
+                                    let mut again =
+                                        BytesMut::with_capacity(redo.len() + data.len());
                                     again.extend_from_slice(&redo);
                                     again.extend_from_slice(&data[from..]);
                                     codec.take(again.freeze());
@@ -541,6 +553,27 @@ impl Rewriting {
             return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
         let polled = std::task::ready!(Pin::new(&mut self.upstream).poll_frame(cx));
+        if let Some(encoder) = &mut self.encoder {
+            // The response already says it is compressed: the origin's bytes are, too.
+            let out = match polled {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => encoder.write(&data),
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        Ok(Bytes::new())
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    self.upstream_done = true;
+                    encoder.finish()
+                }
+            };
+            return match out {
+                Ok(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
+                Err(e) => self.fail(e),
+            };
+        }
         if polled.is_none() {
             self.upstream_done = true;
             self.ended = true;
@@ -571,7 +604,10 @@ impl Rewriting {
         let Some(codec) = self.codec.as_mut() else {
             self.ended = true;
             self.permit = None;
-            return Ok(self.rewriter.end());
+            return match &mut self.encoder {
+                Some(encoder) => Ok(self.rewriter.end_encoded(encoder)?),
+                None => Ok(self.rewriter.end()),
+            };
         };
         if self.wire {
             self.wire = false;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
 
-use crate::pack::Piece;
+use crate::pack::{PackKind, Piece};
 
 /// A single content coding the rewriter can undo and redo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,62 @@ impl Coding {
             Coding::Zstd => "zstd",
         }
     }
+}
+
+/// The coding to compress a page in for a client whose request said `accept` (every
+/// `Accept-Encoding` field), among those a recording is packed for: brotli, then gzip, the
+/// client's q-values first (RFC 9110 section 12.5.3: `*` stands for any coding not named, `q=0`
+/// refuses one, `x-gzip` is gzip). `None` when the client accepts neither.
+pub fn preferred<'a>(accept: impl IntoIterator<Item = &'a http::HeaderValue>) -> Option<Coding> {
+    let (mut br, mut gzip, mut any) = (None::<u32>, None::<u32>, None::<u32>);
+    for field in accept {
+        let Ok(field) = field.to_str() else { continue };
+        for item in field.split(',') {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let mut q = 1000;
+            for param in parts {
+                let Some((k, v)) = param.split_once('=') else {
+                    continue;
+                };
+                if k.trim().eq_ignore_ascii_case("q") {
+                    q = qvalue(v.trim()).unwrap_or(0);
+                }
+            }
+            let slot = match name.as_str() {
+                "br" => &mut br,
+                "gzip" | "x-gzip" => &mut gzip,
+                "*" => &mut any,
+                _ => continue,
+            };
+            // Named twice: the higher weight counts.
+            *slot = Some(slot.map_or(q, |old| old.max(q)));
+        }
+    }
+    let (br, gzip) = (br.or(any).unwrap_or(0), gzip.or(any).unwrap_or(0));
+    if br == 0 && gzip == 0 {
+        None
+    } else if br >= gzip {
+        Some(Coding::Brotli)
+    } else {
+        Some(Coding::Gzip)
+    }
+}
+
+/// A q-value in thousandths: `0`, `1`, `0.5`, `0.125`; `None` if it is not one.
+fn qvalue(v: &str) -> Option<u32> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole = match int {
+        "0" => 0,
+        "1" => 1000,
+        _ => return None,
+    };
+    let frac: u32 = format!("{frac:0<3}").parse().ok()?;
+    let q = whole + frac;
+    (q <= 1000).then_some(q)
 }
 
 /// Reads every `Content-Encoding` field of a response.
@@ -718,28 +774,25 @@ pub struct Encoder(EncoderKind);
 enum EncoderKind {
     Gzip(GzipSegments),
     Deflate(flate2::write::ZlibEncoder<Vec<u8>>),
-    Brotli(Box<BrotliStream>),
+    Brotli(BrotliSegments),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
 }
 
 /// Compression levels: fast ones, since a page is compressed once per visitor rather than once
 /// per deploy (nginx defaults gzip to 1; these trade a little size for throughput).
 const GZIP_LEVEL: u32 = 4;
-/// Brotli's quality 1 compresses each block on its own with a hash table sized to the block, and
-/// keeps no window between blocks. Measured on the 119 KB Cloudflare page flushed every 16 KiB:
-/// quality 4 (the previous setting) held 929 KiB per paused encoder (its hash table alone is
-/// 512 KiB) at 43 MB/s and a ratio of 7.7; quality 1 holds 104 KiB at 200 MB/s and a ratio of
-/// 5.2 (gzip level 4: 7.4), and [`BrotliStream`] gives even that back between chunks. Qualities
-/// 2 and 3 still hold 633 KiB.
-const BROTLI_QUALITY: u32 = 1;
-/// The window the stream declares (2^n bytes), which is what the client's decoder allocates.
-/// Quality 1 makes no match longer than a block, so a small window costs nothing.
-const BROTLI_WINDOW_BITS: u32 = 16;
-/// Brotli's fast mode sizes its hash table to the next power of two above the block it is given;
-/// pieces of at most this keep it at 64 KiB. Measured: 8 KiB pieces hold 60 KiB per encoder
-/// (about 50 KiB less per stream through the proxy) but encode at 113 MB/s instead of 200 and
-/// compress 4.8 times instead of 5.2; CPU and bytes on the wire won.
-const BROTLI_PIECE: usize = 16 * 1024;
+/// The per-visitor brotli encoder: each chunk becomes its own catable piece
+/// ([`crate::pack::BrotliRun`]), compressed by a fresh encoder, so a paused stream holds no
+/// encoder at all. Quality 2 because the encoder's catable mode is not valid at quality 1 (its
+/// pieces do not concatenate: `pack`'s tests show it); measured on the 119 KB Cloudflare page in
+/// 16 KiB chunks (/tmp experiment, release build, a busy 2-core machine), quality 2 with a 2^16
+/// window ran as fast as quality 1 did with a fresh encoder per chunk (80-90 MB/s) and
+/// compresses 5.4 times (quality 1: 5.2). Pages a recording answers are not encoded per visitor
+/// at all: they are sent from the recording's packed pieces.
+const BROTLI_QUALITY: u32 = 2;
+/// The window of a per-visitor piece (2^n bytes): no larger than the packed pieces' window the
+/// stream declares; a larger one only costs time to set up.
+const BROTLI_PIECE_WINDOW: u32 = 16;
 const ZSTD_LEVEL: i32 = 3;
 /// zstd's window (2^n bytes): the level-3 default is 2^21 and zstd allocates it per stream.
 const ZSTD_WINDOW_LOG: u32 = 17;
@@ -816,102 +869,39 @@ impl GzipSegments {
     }
 }
 
-type BrotliEncoderState = brotli::enc::encode::BrotliEncoderStateStruct<brotli::enc::StandardAlloc>;
-
-/// A brotli stream at quality 1, driven through the encoder's streaming interface so that its
-/// per-block buffers can be given back between chunks: at quality 1 each block is compressed on
-/// its own (no window, no state carried between blocks but the stream's framing), so the hash
-/// table and the output storage it keeps would otherwise be 100 KiB of nothing per paused
-/// stream. The encoder reallocates both when the next block needs them.
-struct BrotliStream {
-    state: BrotliEncoderState,
+/// A brotli stream written as pieces that each start and end on a byte boundary and refer to
+/// nothing before them (the encoder's catable, bare-stream mode; see [`crate::pack`]): the
+/// stream's header (declaring the packed pieces' window, the larger), one piece per chunk or
+/// the packed pieces of a recording with the visitor's ID stored between them, and a last
+/// empty meta-block. Like [`GzipSegments`], nothing is held between chunks.
+struct BrotliSegments {
+    header_sent: bool,
 }
 
-impl BrotliStream {
-    fn new() -> BrotliStream {
-        let mut state = BrotliEncoderState::new(brotli::enc::StandardAlloc::default());
-        use brotli::enc::encode::BrotliEncoderParameter as P;
-        state.set_parameter(P::BROTLI_PARAM_QUALITY, BROTLI_QUALITY);
-        state.set_parameter(P::BROTLI_PARAM_LGWIN, BROTLI_WINDOW_BITS);
-        BrotliStream { state }
-    }
-
-    /// Runs one operation to its end: all of `input` taken (process), everything flushed
-    /// (flush), or the stream ended (finish).
-    fn pump(
-        &mut self,
-        op: brotli::enc::encode::BrotliEncoderOperation,
-        input: &[u8],
-        out: &mut Vec<u8>,
-    ) -> std::io::Result<()> {
-        use brotli::enc::encode::BrotliEncoderOperation as Op;
-        let mut buf = [0u8; 4096];
-        let (mut avail_in, mut in_at) = (input.len(), 0);
-        loop {
-            let (mut avail_out, mut out_at, mut total) = (buf.len(), 0, None);
-            let ok = self.state.compress_stream(
-                op,
-                &mut avail_in,
-                input,
-                &mut in_at,
-                &mut avail_out,
-                &mut buf,
-                &mut out_at,
-                &mut total,
-                &mut |_, _, _, _| (),
-            );
-            out.extend_from_slice(&buf[..out_at]);
-            if !ok {
-                return Err(std::io::Error::other("the brotli encoder failed"));
-            }
-            let done = match op {
-                Op::BROTLI_OPERATION_FINISH => self.state.is_finished(),
-                _ => avail_in == 0 && !self.state.has_more_output(),
-            };
-            if done {
-                return Ok(());
-            }
+impl BrotliSegments {
+    fn header(&mut self, out: &mut Vec<u8>) {
+        if !self.header_sent {
+            out.extend_from_slice(&crate::pack::brotli_header(crate::pack::PACK_BROTLI_WINDOW));
+            self.header_sent = true;
         }
     }
 
-    fn write(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
-        use brotli::enc::encode::BrotliEncoderOperation as Op;
+    fn write(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        for piece in chunk.chunks(BROTLI_PIECE) {
-            self.pump(Op::BROTLI_OPERATION_PROCESS, piece, &mut out)?;
+        self.header(&mut out);
+        if !chunk.is_empty() {
+            let mut run =
+                crate::pack::BrotliRun::new(BROTLI_QUALITY, BROTLI_PIECE_WINDOW, Some(chunk.len()));
+            out.extend_from_slice(&run.piece(chunk, true));
         }
-        self.pump(Op::BROTLI_OPERATION_FLUSH, &[], &mut out)?;
-        self.give_back_buffers();
-        Ok(out)
+        out
     }
 
-    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+    fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.pump(
-            brotli::enc::encode::BrotliEncoderOperation::BROTLI_OPERATION_FINISH,
-            &[],
-            &mut out,
-        )?;
-        Ok(out)
-    }
-
-    /// Frees the block buffers once everything is flushed (nothing is pending in them then).
-    fn give_back_buffers(&mut self) {
-        use brotli::Allocator;
-        debug_assert!(!self.state.has_more_output());
-        let s = &mut self.state;
-        let table = std::mem::take(&mut s.large_table_);
-        <brotli::enc::StandardAlloc as Allocator<i32>>::free_cell(&mut s.m8, table);
-        let storage = std::mem::take(&mut s.storage_);
-        <brotli::enc::StandardAlloc as Allocator<u8>>::free_cell(&mut s.m8, storage);
-        s.storage_size_ = 0;
-    }
-}
-
-impl Drop for BrotliStream {
-    fn drop(&mut self) {
-        // What brotli's own writer does on drop: give every buffer back to the allocator.
-        brotli::enc::encode::BrotliEncoderDestroyInstance(&mut self.state);
+        self.header(&mut out);
+        out.push(crate::pack::BROTLI_END);
+        out
     }
 }
 
@@ -927,7 +917,7 @@ impl Encoder {
             Coding::Deflate => {
                 EncoderKind::Deflate(flate2::write::ZlibEncoder::new(Vec::new(), level))
             }
-            Coding::Brotli => EncoderKind::Brotli(Box::new(BrotliStream::new())),
+            Coding::Brotli => EncoderKind::Brotli(BrotliSegments { header_sent: false }),
             Coding::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)
                     .expect("zstd encoder allocation");
@@ -950,7 +940,7 @@ impl Encoder {
                 run(e, chunk)?;
                 e.get_mut()
             }
-            EncoderKind::Brotli(e) => return e.write(chunk).map(Bytes::from),
+            EncoderKind::Brotli(e) => return Ok(e.write(chunk).into()),
             EncoderKind::Zstd(e) => {
                 run(e, chunk)?;
                 e.get_mut()
@@ -959,38 +949,54 @@ impl Encoder {
         Ok(std::mem::take(out).into())
     }
 
-    /// Whether this encoder can send packed pieces ([`Encoder::packed`]): gzip only, for now.
-    pub fn takes_packed(&self) -> bool {
-        matches!(self.0, EncoderKind::Gzip(_))
+    /// The pack this encoder sends recorded pieces from ([`Encoder::packed`]): gzip and brotli.
+    pub fn takes_packed(&self) -> Option<PackKind> {
+        match self.0 {
+            EncoderKind::Gzip(_) => Some(PackKind::Gzip),
+            EncoderKind::Brotli(_) => Some(PackKind::Brotli),
+            _ => None,
+        }
     }
 
     /// Sends pieces compressed in advance, with `id` in each slot (stored, not compressed: a few
-    /// dozen bytes). Only for an encoder that [`Encoder::takes_packed`]; the stream may go on
-    /// with [`Encoder::write`] and ends with [`Encoder::finish`] as usual.
+    /// dozen bytes). Only for an encoder that [`Encoder::takes_packed`], with pieces of that
+    /// kind; the stream may go on with [`Encoder::write`] and ends with [`Encoder::finish`].
     pub fn packed<'a>(&mut self, pieces: impl IntoIterator<Item = (&'a Piece, &'a [u8])>) -> Bytes {
-        let EncoderKind::Gzip(g) = &mut self.0 else {
-            unreachable!("packed pieces for an encoder that does not take them");
-        };
         let mut out = Vec::new();
-        g.header(&mut out);
-        for (piece, id) in pieces {
-            match piece {
-                Piece::Static(p) => {
-                    out.extend_from_slice(&p.deflate);
-                    g.crc = crate::pack::crc32_combine(g.crc, p.crc, p.shift);
-                    g.len += p.len;
-                }
-                Piece::Slot => {
-                    if id.is_empty() {
-                        continue;
+        match &mut self.0 {
+            EncoderKind::Gzip(g) => {
+                g.header(&mut out);
+                for (piece, id) in pieces {
+                    match piece {
+                        Piece::Static(p) => {
+                            out.extend_from_slice(&p.data);
+                            g.crc = crate::pack::crc32_combine(g.crc, p.crc, p.shift);
+                            g.len += p.len;
+                        }
+                        Piece::Slot => {
+                            if id.is_empty() {
+                                continue;
+                            }
+                            crate::pack::stored_block(id, &mut out);
+                            let mut h = crc32fast::Hasher::new_with_initial(g.crc);
+                            h.update(id);
+                            g.crc = h.finalize();
+                            g.len += id.len() as u64;
+                        }
                     }
-                    crate::pack::stored_block(id, &mut out);
-                    let mut h = crc32fast::Hasher::new_with_initial(g.crc);
-                    h.update(id);
-                    g.crc = h.finalize();
-                    g.len += id.len() as u64;
                 }
             }
+            EncoderKind::Brotli(b) => {
+                b.header(&mut out);
+                for (piece, id) in pieces {
+                    match piece {
+                        Piece::Static(p) => out.extend_from_slice(&p.data),
+                        Piece::Slot if id.is_empty() => {}
+                        Piece::Slot => crate::pack::brotli_stored(id, &mut out),
+                    }
+                }
+            }
+            _ => unreachable!("packed pieces for an encoder that does not take them"),
         }
         out.into()
     }
@@ -1003,7 +1009,7 @@ impl Encoder {
                 e.try_finish()?;
                 e.get_mut()
             }
-            EncoderKind::Brotli(e) => return e.finish().map(Bytes::from),
+            EncoderKind::Brotli(e) => return Ok(e.finish().into()),
             EncoderKind::Zstd(e) => {
                 e.do_finish()?;
                 e.get_mut()

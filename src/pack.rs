@@ -60,9 +60,10 @@ pub fn crc32_combine(crc_a: u32, crc_b: u32, shift_b: u32) -> u32 {
 /// One static piece of a recording's output, compressed.
 #[derive(Debug, Clone)]
 pub struct Packed {
-    /// Raw deflate blocks ending on a sync flush (byte-aligned, no final block).
-    pub deflate: Bytes,
-    /// CRC-32 of the bytes it decodes to.
+    /// The compressed bytes: raw deflate blocks ending on a sync flush (byte-aligned, no final
+    /// block), or brotli meta-blocks ending on a byte boundary without ending the stream.
+    pub data: Bytes,
+    /// CRC-32 of the bytes it decodes to (what a gzip trailer needs).
     pub crc: u32,
     /// How many bytes it decodes to.
     pub len: u64,
@@ -77,7 +78,122 @@ pub enum Piece {
     Slot,
 }
 
-/// A recording's output in gzip pieces: `pieces[i]` covers output `[cuts[i], cuts[i + 1])`.
+/// The codings a recording's output can be packed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackKind {
+    Gzip,
+    Brotli,
+}
+
+/// Compresses one static run piece by piece: each piece ends on a byte boundary without ending
+/// the stream (gzip: a sync flush; brotli: a flush in the catable, bare-stream mode of
+/// [`brotli_piece`]), and may refer back to the earlier pieces of its run, never before it.
+enum RunCompressor {
+    Gzip(Box<flate2::Compress>),
+    Brotli(Box<BrotliRun>),
+}
+
+impl RunCompressor {
+    fn new(kind: PackKind) -> RunCompressor {
+        match kind {
+            PackKind::Gzip => RunCompressor::Gzip(Box::new(flate2::Compress::new(
+                flate2::Compression::new(PACK_LEVEL),
+                false,
+            ))),
+            PackKind::Brotli => RunCompressor::Brotli(Box::new(BrotliRun::new(
+                PACK_BROTLI_QUALITY,
+                PACK_BROTLI_WINDOW,
+                None,
+            ))),
+        }
+    }
+
+    /// The next piece of the run; `last` when the run ends with it.
+    fn piece(&mut self, data: &[u8], last: bool) -> Vec<u8> {
+        match self {
+            RunCompressor::Gzip(c) => sync_flushed(c, data),
+            RunCompressor::Brotli(b) => b.piece(data, last),
+        }
+    }
+}
+
+/// A brotli encoder in catable, bare-stream mode: see [`brotli_piece`].
+pub struct BrotliRun {
+    state: brotli::enc::encode::BrotliEncoderStateStruct<brotli::enc::StandardAlloc>,
+}
+
+impl BrotliRun {
+    /// `size_hint`: the run's length, when known, lets the encoder size its tables to it.
+    pub fn new(quality: u32, window: u32, size_hint: Option<usize>) -> BrotliRun {
+        use brotli::enc::encode::{BrotliEncoderParameter as P, BrotliEncoderStateStruct};
+        let mut state = BrotliEncoderStateStruct::new(brotli::enc::StandardAlloc::default());
+        state.set_parameter(P::BROTLI_PARAM_QUALITY, quality);
+        state.set_parameter(P::BROTLI_PARAM_LGWIN, window);
+        state.set_parameter(P::BROTLI_PARAM_CATABLE, 1);
+        state.set_parameter(P::BROTLI_PARAM_BARE_STREAM, 1);
+        if let Some(hint) = size_hint {
+            state.set_parameter(P::BROTLI_PARAM_SIZE_HINT, hint.min(1 << 30) as u32);
+        }
+        BrotliRun { state }
+    }
+
+    /// Compresses `data` and flushes to a byte boundary (or, when `last`, finishes the run,
+    /// still without ending the stream).
+    pub fn piece(&mut self, data: &[u8], last: bool) -> Vec<u8> {
+        use brotli::enc::encode::BrotliEncoderOperation as Op;
+        let mut out = Vec::with_capacity(data.len() / 3 + 64);
+        self.pump(Op::BROTLI_OPERATION_PROCESS, data, &mut out);
+        let end = if last {
+            Op::BROTLI_OPERATION_FINISH
+        } else {
+            Op::BROTLI_OPERATION_FLUSH
+        };
+        self.pump(end, &[], &mut out);
+        out
+    }
+
+    fn pump(
+        &mut self,
+        op: brotli::enc::encode::BrotliEncoderOperation,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        use brotli::enc::encode::BrotliEncoderOperation as Op;
+        let mut buf = [0u8; 8192];
+        let (mut avail_in, mut in_at) = (input.len(), 0);
+        loop {
+            let (mut avail_out, mut out_at, mut total) = (buf.len(), 0, None);
+            let ok = self.state.compress_stream(
+                op,
+                &mut avail_in,
+                input,
+                &mut in_at,
+                &mut avail_out,
+                &mut buf,
+                &mut out_at,
+                &mut total,
+                &mut |_, _, _, _| (),
+            );
+            assert!(ok, "the brotli encoder refused its own parameters");
+            out.extend_from_slice(&buf[..out_at]);
+            let done = match op {
+                Op::BROTLI_OPERATION_FINISH => self.state.is_finished(),
+                _ => avail_in == 0 && !self.state.has_more_output(),
+            };
+            if done {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for BrotliRun {
+    fn drop(&mut self) {
+        brotli::enc::encode::BrotliEncoderDestroyInstance(&mut self.state);
+    }
+}
+
+/// A recording's output in compressed pieces: `pieces[i]` covers output `[cuts[i], cuts[i + 1])`.
 #[derive(Debug)]
 pub struct Pack {
     cuts: Vec<usize>,
@@ -90,9 +206,9 @@ pub struct Pack {
 pub const PACK_LEVEL: u32 = 6;
 
 impl Pack {
-    /// Packs `output`, whose slots are `slots` (start, length), cutting it at every slot edge and
-    /// at `cuts` (the offsets a replay sends up to; each outside any slot).
-    pub fn gzip(output: &[u8], slots: &[(usize, usize)], cuts: &[usize]) -> Pack {
+    /// Packs `output` for `kind`, whose slots are `slots` (start, length), cutting it at every
+    /// slot edge and at `cuts` (the offsets a replay sends up to; each outside any slot).
+    pub fn new(kind: PackKind, output: &[u8], slots: &[(usize, usize)], cuts: &[usize]) -> Pack {
         let mut edges: Vec<usize> = Vec::with_capacity(cuts.len() + slots.len() * 2 + 2);
         edges.push(0);
         edges.push(output.len());
@@ -103,31 +219,36 @@ impl Pack {
         }
         edges.sort_unstable();
         edges.dedup();
-        let mut compress = flate2::Compress::new(flate2::Compression::new(PACK_LEVEL), false);
         let mut pieces = Vec::with_capacity(edges.len());
         let mut bytes = 0;
         let mut slot = slots.iter().peekable();
-        // A run starts at the beginning and after every slot: the compressor forgets all before.
-        let mut fresh_run = true;
-        for pair in edges.windows(2) {
-            let (from, to) = (pair[0], pair[1]);
+        // A run starts at the beginning and after every slot: its compressor knows nothing
+        // before it, so no match reaches back into an ID.
+        let mut run: Option<RunCompressor> = None;
+        let pairs: Vec<(usize, usize)> = edges.windows(2).map(|p| (p[0], p[1])).collect();
+        for (i, &(from, to)) in pairs.iter().enumerate() {
             while slot.peek().is_some_and(|&&(at, len)| at + len <= from) {
                 slot.next();
             }
             if slot.peek().is_some_and(|&&(at, _)| at == from) {
                 pieces.push(Piece::Slot);
-                fresh_run = true;
+                run = None;
                 continue;
             }
-            if fresh_run {
-                compress.reset();
-                fresh_run = false;
-            }
+            let c = run.get_or_insert_with(|| RunCompressor::new(kind));
             let data = &output[from..to];
-            let deflate = sync_flushed(&mut compress, data);
-            bytes += deflate.len();
+            // The run ends at the end of the output or where a slot starts.
+            let last = match pairs.get(i + 1) {
+                None => true,
+                Some(&(next, _)) => slots.binary_search_by_key(&next, |&(at, _)| at).is_ok(),
+            };
+            let compressed = c.piece(data, last);
+            if last {
+                run = None;
+            }
+            bytes += compressed.len();
             pieces.push(Piece::Static(Packed {
-                deflate: Bytes::from(deflate),
+                data: Bytes::from(compressed),
                 crc: crc32fast::hash(data),
                 len: data.len() as u64,
                 shift: crc32_shift(data.len() as u64),
@@ -139,6 +260,11 @@ impl Pack {
             pieces,
             bytes,
         }
+    }
+
+    /// [`Pack::new`] for gzip.
+    pub fn gzip(output: &[u8], slots: &[(usize, usize)], cuts: &[usize]) -> Pack {
+        Pack::new(PackKind::Gzip, output, slots, cuts)
     }
 
     /// The pieces covering output `[from, to)`; both must be cuts.
@@ -180,12 +306,58 @@ pub fn sync_flushed(c: &mut flate2::Compress, data: &[u8]) -> Vec<u8> {
 /// A non-final stored deflate block holding `data` (at most 65,535 bytes), for a byte-aligned
 /// stream: the visitor's ID between packed pieces.
 pub fn stored_block(data: &[u8], out: &mut Vec<u8>) {
-    debug_assert!(data.len() <= 0xffff);
-    let len = data.len() as u16;
-    out.push(0); // BFINAL 0, BTYPE 00, padding to the byte
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&(!len).to_le_bytes());
-    out.extend_from_slice(data);
+    for part in data.chunks(0xffff) {
+        let len = part.len() as u16;
+        out.push(0); // BFINAL 0, BTYPE 00, padding to the byte
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+}
+
+/// Brotli quality of packed pieces: compressed once per recording, so a good one (nginx's
+/// `brotli_comp_level` defaults to 6); the per-visitor encoder stays at quality 1.
+pub const PACK_BROTLI_QUALITY: u32 = 6;
+/// The window packed brotli streams declare and use (2^n bytes); also what a client allocates.
+pub const PACK_BROTLI_WINDOW: u32 = 19;
+
+/// The start of a brotli stream that declares a `2^window` window, padded to a byte with an
+/// empty metadata block, so that byte-aligned pieces ([`brotli_piece`]) may follow.
+pub fn brotli_header(window: u32) -> [u8; 2] {
+    debug_assert!((18..=24).contains(&window));
+    // WBITS: bit 0 set, then (window - 17) in three bits. Then a metadata meta-block: ISLAST 0,
+    // MNIBBLES 3 (metadata), a reserved 0, MSKIPBYTES 0 (no metadata), zero bits to the byte.
+    let wbits = 1 | ((window as u8 - 17) << 1);
+    [wbits | (3 << 5), 0]
+}
+
+/// The last byte of a brotli stream: an empty meta-block with ISLAST and ISLASTEMPTY set.
+pub const BROTLI_END: u8 = 0x03;
+
+/// `data` as one or more brotli meta-blocks that start and end on a byte boundary, do not end
+/// the stream, and refer to nothing before their own start: the brotli encoder's "catable" and
+/// "bare stream" mode, which writes the first two bytes uncompressed (so literal contexts never
+/// depend on the bytes before), never reuses a distance from before and uses no dictionary
+/// (whose addressing depends on the position in the stream). Such pieces, between
+/// [`brotli_header`] and [`BROTLI_END`], make one valid stream in any order and with any bytes
+/// between them sent as [`brotli_stored`].
+pub fn brotli_piece(data: &[u8], quality: u32, window: u32) -> Vec<u8> {
+    if data.is_empty() {
+        return Vec::new();
+    }
+    BrotliRun::new(quality, window, Some(data.len())).piece(data, true)
+}
+
+/// `data` as uncompressed brotli meta-blocks (of at most 65,536 bytes), starting and ending on
+/// a byte boundary: the visitor's ID between packed pieces. Nothing for empty `data`.
+pub fn brotli_stored(data: &[u8], out: &mut Vec<u8>) {
+    for part in data.chunks(0x1_0000) {
+        // ISLAST 0, MNIBBLES 0 (four nibbles), MLEN - 1 in 16 bits, ISUNCOMPRESSED 1: 20 bits,
+        // then zero bits to the byte.
+        let v = ((part.len() as u32 - 1) << 3) | (1 << 19);
+        out.extend_from_slice(&v.to_le_bytes()[..3]);
+        out.extend_from_slice(part);
+    }
 }
 
 #[cfg(test)]
@@ -214,7 +386,7 @@ mod tests {
         for piece in pack.range(0, output.len()) {
             match piece {
                 Piece::Static(p) => {
-                    out.extend_from_slice(&p.deflate);
+                    out.extend_from_slice(&p.data);
                     crc = crc32_combine(crc, p.crc, p.shift);
                     len += p.len;
                 }
@@ -266,5 +438,98 @@ mod tests {
             want.extend_from_slice(&output[at..]);
             assert_eq!(got, want, "id of {} bytes", id.len());
         }
+    }
+
+    #[test]
+    fn bare_brotli_pieces_with_any_bytes_between_them_are_one_valid_stream() {
+        for (quality, window) in [(2, 16), (PACK_BROTLI_QUALITY, PACK_BROTLI_WINDOW)] {
+            let page = std::fs::read("../shared/corpus/cloudflare.com.html")
+                .unwrap_or_else(|_| b"<p>fallback words, words and words</p>".repeat(3000));
+            let cuts = [
+                0,
+                1,
+                2,
+                3,
+                700,
+                701,
+                5000,
+                40_000,
+                page.len() / 2,
+                page.len(),
+            ];
+            for id in [&b"a"[..], b"visitor%40example.com", &[b'x'; 700][..]] {
+                let mut stream = brotli_header(PACK_BROTLI_WINDOW).to_vec();
+                let mut want = Vec::new();
+                for pair in cuts.windows(2) {
+                    let data = &page[pair[0]..pair[1]];
+                    stream.extend_from_slice(&brotli_piece(data, quality, window));
+                    want.extend_from_slice(data);
+                    brotli_stored(id, &mut stream);
+                    want.extend_from_slice(id);
+                }
+                stream.push(BROTLI_END);
+                let mut got = Vec::new();
+                brotli::Decompressor::new(&stream[..], 4096)
+                    .read_to_end(&mut got)
+                    .expect("a valid brotli stream");
+                assert_eq!(got.len(), want.len());
+                assert!(got == want, "quality {quality}, id of {} bytes", id.len());
+            }
+        }
+    }
+
+    fn brotli_of(pack: &Pack, output: &[u8], id: &[u8]) -> Vec<u8> {
+        let mut out = brotli_header(PACK_BROTLI_WINDOW).to_vec();
+        for piece in pack.range(0, output.len()) {
+            match piece {
+                Piece::Static(p) => out.extend_from_slice(&p.data),
+                Piece::Slot => brotli_stored(id, &mut out),
+            }
+        }
+        out.push(BROTLI_END);
+        out
+    }
+
+    #[test]
+    fn a_brotli_pack_with_any_id_in_its_slots_is_one_valid_stream() {
+        let page = std::fs::read("../shared/corpus/cloudflare.com.html")
+            .unwrap_or_else(|_| b"<a href=\"https://x.example/\">words</a>".repeat(3000));
+        // Slots every few kilobytes, cuts between them and right beside them.
+        let mut slots = Vec::new();
+        let mut at = 3;
+        while at + 40 < page.len() {
+            slots.push((at, 17));
+            at += 1 + (at * 7919) % 9000;
+        }
+        let mut cuts = Vec::new();
+        for &(s, l) in &slots {
+            cuts.extend([s.saturating_sub(1), s + l + 1, s + l + 2000]);
+        }
+        cuts.retain(|&c| c <= page.len() && !slots.iter().any(|&(s, l)| c > s && c < s + l));
+        let pack = Pack::new(PackKind::Brotli, &page, &slots, &cuts);
+        for id in [&b"a"[..], b"visitor%40example.com", &[b'x'; 700][..]] {
+            let stream = brotli_of(&pack, &page, id);
+            let mut got = Vec::new();
+            brotli::Decompressor::new(&stream[..], 4096)
+                .read_to_end(&mut got)
+                .expect("a valid brotli stream");
+            let mut want = Vec::new();
+            let mut at = 0;
+            for &(s, l) in &slots {
+                want.extend_from_slice(&page[at..s]);
+                want.extend_from_slice(id);
+                at = s + l;
+            }
+            want.extend_from_slice(&page[at..]);
+            assert!(got == want, "id of {} bytes", id.len());
+        }
+        // A pack is worth keeping only if it compresses like a whole-page encoder would.
+        let whole = brotli_piece(&page, PACK_BROTLI_QUALITY, PACK_BROTLI_WINDOW).len();
+        assert!(
+            pack.compressed_len() < page.len() / 3,
+            "{} of {}",
+            pack.compressed_len(),
+            whole
+        );
     }
 }

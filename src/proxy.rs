@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{
-    HeaderName, HeaderValue, ACCEPT, ACCEPT_RANGES, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH,
-    CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, EXPECT, HOST, IF_RANGE, LOCATION, RANGE,
-    UPGRADE,
+    HeaderName, HeaderValue, ACCEPT, ACCEPT_ENCODING, ACCEPT_RANGES, CACHE_CONTROL, CONNECTION,
+    CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, EXPECT, HOST,
+    IF_RANGE, LOCATION, RANGE, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
@@ -183,6 +183,9 @@ struct Exchange {
     whole_page: bool,
     /// The URL the browser has for this page; relative links resolve against it.
     page: Url,
+    /// The packed coding this client prefers, from its `Accept-Encoding`: a page the origin
+    /// sent uncompressed is sent in it when a recording answers it (no compression per visitor).
+    accepts: Option<Coding>,
 }
 
 /// Which wait ran out.
@@ -386,6 +389,7 @@ impl Proxy {
         // page that is then rewritten would not fit together.
         let whole_page = decorated_page || (html_get && rewrites_without_id(config));
         let page = page_url(conn.scheme, authority.as_deref(), &path_and_query, config);
+        let accepts = coding::preferred(req.headers().get_all(ACCEPT_ENCODING));
         Ok((
             req,
             Exchange {
@@ -400,6 +404,7 @@ impl Proxy {
                 decorated_page,
                 whole_page,
                 page,
+                accepts,
             },
         ))
     }
@@ -673,7 +678,7 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let config = &snapshot.config;
         let mut log = exchange.log;
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
         let upstream = UpstreamBody::new(body, config.timeouts.upstream_body_idle);
         let body = match decision {
             Decision::Rewrite(charset, coding) => {
@@ -737,7 +742,23 @@ impl Proxy {
                 let rewriter = Splicer::new(Arc::clone(&config.decorator), id, page, store);
                 log.stats = Some(rewriter.stats());
                 log.splice = Some(rewriter.report());
-                ResponseBody::rewrite(upstream, rewriter, coding, &self.rewrites, log)
+                // An uncompressed page answered from a recording goes out in the client's
+                // coding: the recording's packed pieces make it free. The page's other
+                // responses may be uncompressed, so caches must key on Accept-Encoding.
+                let encode = match coding {
+                    None => {
+                        headers::vary_on(&mut parts.headers, "Accept-Encoding");
+                        exchange.accepts.filter(|_| rewriter.replays())
+                    }
+                    Some(_) => None,
+                };
+                if let Some(c) = encode {
+                    parts
+                        .headers
+                        .insert(CONTENT_ENCODING, HeaderValue::from_static(c.as_str()));
+                    log.encoded = Some(c.as_str());
+                }
+                ResponseBody::rewrite(upstream, rewriter, coding, encode, &self.rewrites, log)
             }
             Decision::NotRewritable(why) | Decision::PageNotRewritten(why) => {
                 log.rewrite = why;

@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
+use crate::coding::{Coding, Encoder};
 use crate::decorate::Decorator;
 use crate::identity::VisitorId;
-use crate::coding::{Coding, Encoder};
 use crate::metrics::Metrics;
-use crate::pack::{Pack, Piece};
+use crate::pack::{Pack, PackKind, Piece};
 use crate::rewrite::{Page, PageRewriter, RewriteStats};
 
 /// `kmi` and 32 hex digits: what every sentinel starts with.
@@ -137,8 +137,10 @@ pub struct Recording {
     links: Vec<usize>,
     /// Divergences in a row up to this recording.
     misses: AtomicU32,
-    /// The output packed for gzip, made when a gzip response first replays it.
+    /// The output packed for gzip and for brotli, each made when a response in that coding
+    /// first replays it.
     gzip: OnceLock<Pack>,
+    brotli: OnceLock<Pack>,
     /// The origin's compressed body, when the page came compressed: a later response in the
     /// same coding is compared with it as it arrives, with no decoding at all.
     wire: Option<Wire>,
@@ -182,6 +184,7 @@ impl Recording {
             + self.checkpoints.len() * 16
             + self.links.len() * 8
             + self.gzip.get().map_or(0, Pack::weight)
+            + self.brotli.get().map_or(0, Pack::weight)
             + self
                 .wire
                 .as_ref()
@@ -189,15 +192,22 @@ impl Recording {
             + 256
     }
 
-    /// The output packed for gzip; true beside it when this call made it.
-    fn gzip_pack(&self) -> (&Pack, bool) {
+    /// The output packed for `kind`; true beside it when this call made it.
+    fn pack(&self, kind: PackKind) -> (&Pack, bool) {
+        let cell = match kind {
+            PackKind::Gzip => &self.gzip,
+            PackKind::Brotli => &self.brotli,
+        };
         let mut made = false;
-        let pack = self.gzip.get_or_init(|| {
+        let pack = cell.get_or_init(|| {
             made = true;
-            let slots: Vec<(usize, usize)> =
-                self.slots.iter().map(|&(at, _)| (at, SENTINEL_LEN)).collect();
+            let slots: Vec<(usize, usize)> = self
+                .slots
+                .iter()
+                .map(|&(at, _)| (at, SENTINEL_LEN))
+                .collect();
             let cuts: Vec<usize> = self.checkpoints.iter().map(|&(_, n)| n).collect();
-            Pack::gzip(&self.output, &slots, &cuts)
+            Pack::new(kind, &self.output, &slots, &cuts)
         });
         (pack, made)
     }
@@ -327,6 +337,7 @@ impl Recorder {
             links: stats.counts(),
             misses: AtomicU32::new(self.misses),
             gzip: OnceLock::new(),
+            brotli: OnceLock::new(),
             wire,
         })
     }
@@ -483,7 +494,9 @@ enum Entry {
     /// each. Expires, in case the recording request never finishes.
     /// A compressed page diverged after this many recordings in a row: the next request
     /// records it again from its first byte.
-    Retry { misses: u32 },
+    Retry {
+        misses: u32,
+    },
     Recording {
         until: Instant,
         token: u64,
@@ -784,6 +797,12 @@ impl Splicer {
         }
     }
 
+    /// Whether a recording answers this page (so far: a divergence may still hand it to the
+    /// parser). Compressing such a page costs nothing per visitor with a packed coding.
+    pub fn replays(&self) -> bool {
+        matches!(self.mode, Mode::Replay(_))
+    }
+
     /// Feeds one chunk of the page; returns the output that is ready, through `encoder`. A
     /// replay into a gzip stream sends the recording's packed pieces (compressed once per
     /// recording) with the visitor's ID between them; every other path compresses its output.
@@ -791,7 +810,7 @@ impl Splicer {
         let Mode::Replay(replay) = &mut self.mode else {
             return encode(self.write(chunk), encoder);
         };
-        if !encoder.takes_packed() {
+        if encoder.takes_packed().is_none() {
             return encode(self.write(chunk), encoder);
         }
         let rest = &replay.recording.input[replay.verified..];
@@ -811,7 +830,7 @@ impl Splicer {
     /// stream's end included.
     pub fn end_encoded(&mut self, encoder: &mut Encoder) -> std::io::Result<Bytes> {
         if let Mode::Replay(replay) = &self.mode {
-            if encoder.takes_packed() && replay.verified == replay.recording.input.len() {
+            if encoder.takes_packed().is_some() && replay.verified == replay.recording.input.len() {
                 let recording = Arc::clone(&replay.recording);
                 let out = self.send_packed(recording.output.len(), encoder);
                 recording.misses.store(0, Ordering::Relaxed);
@@ -880,16 +899,16 @@ impl Splicer {
 
     /// Compares a frame of the compressed body with the recording's and sends the output the
     /// verified bytes determine, through `encoder`. Only after [`Splicer::compressed`] said yes.
-    pub fn write_wire(
-        &mut self,
-        frame: &[u8],
-        encoder: &mut Encoder,
-    ) -> std::io::Result<WireStep> {
+    pub fn write_wire(&mut self, frame: &[u8], encoder: &mut Encoder) -> std::io::Result<WireStep> {
         let Mode::Replay(replay) = &mut self.mode else {
-            return Err(std::io::Error::other("compressed replay without a recording"));
+            return Err(std::io::Error::other(
+                "compressed replay without a recording",
+            ));
         };
         let (Some(at), Some(wire)) = (replay.wire, replay.recording.wire.as_ref()) else {
-            return Err(std::io::Error::other("compressed replay without a recording"));
+            return Err(std::io::Error::other(
+                "compressed replay without a recording",
+            ));
         };
         let same = common_prefix(frame, &wire.bytes[at..]);
         let at = at + same;
@@ -907,7 +926,9 @@ impl Splicer {
     /// last byte; otherwise what to decode.
     pub fn end_wire(&mut self, encoder: &mut Encoder) -> std::io::Result<WireStep> {
         let Mode::Replay(replay) = &self.mode else {
-            return Err(std::io::Error::other("compressed replay without a recording"));
+            return Err(std::io::Error::other(
+                "compressed replay without a recording",
+            ));
         };
         let whole = matches!(
             (replay.wire, &replay.recording.wire),
@@ -941,7 +962,7 @@ impl Splicer {
 
     /// The recording's output up to `to`, through `encoder`: packed pieces where it takes them.
     fn send_through(&mut self, to: usize, encoder: &mut Encoder) -> std::io::Result<Bytes> {
-        if encoder.takes_packed() {
+        if encoder.takes_packed().is_some() {
             Ok(self.send_packed(to, encoder))
         } else {
             let plain = self.send_recorded(to);
@@ -957,8 +978,11 @@ impl Splicer {
         if to <= replay.sent {
             return Bytes::new();
         }
+        let Some(kind) = encoder.takes_packed() else {
+            return Bytes::new();
+        };
         let recording = &replay.recording;
-        let (pack, made) = recording.gzip_pack();
+        let (pack, made) = recording.pack(kind);
         if made {
             // The store weighs an entry when it is inserted: weigh it again with its pack.
             if let Some((store, key)) = &self.store {

@@ -130,8 +130,9 @@ fn uncached_at(
     out
 }
 
-/// The splicing path, fed in `chunks`; with `gzip`, through a gzip encoder (a replay then sends
-/// packed pieces) and read back by flate2's decoder, which checks the CRC and the length.
+/// The splicing path, fed in `chunks`; with a `coding`, through that encoder (a gzip or brotli
+/// replay then sends packed pieces) and read back by the standard decoder (flate2's checks the
+/// gzip CRC and length).
 fn spliced(
     decorator: &Arc<Decorator>,
     store: &Arc<Recordings>,
@@ -139,9 +140,9 @@ fn spliced(
     ct: &str,
     input: &[u8],
     chunks: &[usize],
-    gzip: bool,
+    coding: Option<Coding>,
 ) -> (Vec<u8>, &'static str) {
-    if gzip {
+    if let Some(coding) = coding {
         let key = Key::new(page(ct).url.as_str(), ct, id.is_some());
         let mut s = Splicer::new(
             Arc::clone(decorator),
@@ -150,7 +151,7 @@ fn spliced(
             Some((Arc::clone(store), key)),
         );
         let report = s.report();
-        let mut encoder = Encoder::new(Coding::Gzip);
+        let mut encoder = Encoder::new(coding);
         let mut wire = Vec::new();
         let mut at = 0;
         for &len in chunks {
@@ -160,10 +161,23 @@ fn spliced(
         wire.extend_from_slice(&s.write_encoded(&input[at..], &mut encoder).unwrap());
         wire.extend_from_slice(&s.end_encoded(&mut encoder).unwrap());
         let mut out = Vec::new();
-        let mut reader = flate2::read::GzDecoder::new(&wire[..]);
-        std::io::Read::read_to_end(&mut reader, &mut out)
-            .unwrap_or_else(|e| panic!("the spliced gzip stream is not valid: {e}"));
-        assert!(reader.into_inner().is_empty(), "bytes after the gzip member");
+        match coding {
+            Coding::Gzip => {
+                let mut reader = flate2::read::GzDecoder::new(&wire[..]);
+                std::io::Read::read_to_end(&mut reader, &mut out)
+                    .unwrap_or_else(|e| panic!("the spliced gzip stream is not valid: {e}"));
+                assert!(
+                    reader.into_inner().is_empty(),
+                    "bytes after the gzip member"
+                );
+            }
+            Coding::Brotli => {
+                let mut reader = brotli::Decompressor::new(&wire[..], 4096);
+                std::io::Read::read_to_end(&mut reader, &mut out)
+                    .unwrap_or_else(|e| panic!("the spliced brotli stream is not valid: {e}"));
+            }
+            other => unreachable!("{other:?} is not sent through a pack"),
+        }
         return (out, report.path().as_str());
     }
     let key = Key::new(page(ct).url.as_str(), ct, id.is_some());
@@ -312,8 +326,16 @@ fn run_sequence(
         let id = IDS[rng.random_range(0..IDS.len())].map(|i| VisitorId::new(i).unwrap());
         let chunks = chunking(&mut rng, current.len());
         let want = uncached(decorator, id.as_ref(), ct, &current);
-        let gzip = rng.random_bool(0.5);
-        let (got, path) = spliced(decorator, &store, id.as_ref(), ct, &current, &chunks, gzip);
+        let coding = [None, Some(Coding::Gzip), Some(Coding::Brotli)][rng.random_range(0..3)];
+        let (got, path) = spliced(
+            decorator,
+            &store,
+            id.as_ref(),
+            ct,
+            &current,
+            &chunks,
+            coding,
+        );
         if got != want {
             let at = got
                 .iter()
@@ -324,7 +346,10 @@ fn run_sequence(
                 String::from_utf8_lossy(&b[at.saturating_sub(60)..(at + 60).min(b.len())])
                     .into_owned()
             };
-            let path = if gzip { format!("{path}, gzip") } else { path.to_owned() };
+            let path = match coding {
+                Some(c) => format!("{path}, {c:?}"),
+                None => path.to_owned(),
+            };
             return Err(format!(
                 "seed {seed}, step {step} ({path}, {ct}, {} bytes in {} chunks): differs at byte {at}\n  spliced  …{:?}…\n  uncached …{:?}…",
                 current.len(),
@@ -386,7 +411,7 @@ fn a_replay_sends_the_recorded_prefix_before_the_page_ends() {
     let page_bytes = SYNTHETIC.repeat(60).into_bytes();
     let id = VisitorId::new("abc").unwrap();
     let ct = "text/html; charset=utf-8";
-    let (first, path) = spliced(&decorator, &store, Some(&id), ct, &page_bytes, &[], false);
+    let (first, path) = spliced(&decorator, &store, Some(&id), ct, &page_bytes, &[], None);
     assert_eq!(path, "recorded");
     let key = Key::new(page(ct).url.as_str(), ct, true);
     let mut s = Splicer::new(
@@ -409,6 +434,54 @@ fn a_replay_sends_the_recorded_prefix_before_the_page_ends() {
 }
 
 #[test]
+fn a_compressed_replay_sends_a_decodable_prefix_before_the_page_ends() {
+    // Packed pieces end on a byte boundary at each checkpoint, so what a replay sent early is
+    // something a client can already decode and render.
+    let decorator = decorator();
+    let page_bytes = SYNTHETIC.repeat(60).into_bytes();
+    let id = VisitorId::new("abc").unwrap();
+    let ct = "text/html; charset=utf-8";
+    for coding in [Coding::Gzip, Coding::Brotli] {
+        let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
+        let (whole, _) = spliced(&decorator, &store, Some(&id), ct, &page_bytes, &[], None);
+        let key = Key::new(page(ct).url.as_str(), ct, true);
+        let mut s = Splicer::new(
+            Arc::clone(&decorator),
+            Some(id.clone()),
+            page(ct),
+            Some((Arc::clone(&store), key)),
+        );
+        let mut encoder = Encoder::new(coding);
+        let early = s
+            .write_encoded(&page_bytes[..20_000], &mut encoder)
+            .unwrap();
+        let mut decoded = Vec::new();
+        let read = match coding {
+            Coding::Gzip => std::io::Read::read_to_end(
+                &mut flate2::read::GzDecoder::new(&early[..]),
+                &mut decoded,
+            ),
+            _ => std::io::Read::read_to_end(
+                &mut brotli::Decompressor::new(&early[..], 4096),
+                &mut decoded,
+            ),
+        };
+        // The stream is not over, so the decoder reports an early end; what it gave is a prefix.
+        assert!(
+            read.is_err(),
+            "{coding:?}: the early bytes look like a whole stream"
+        );
+        assert!(
+            decoded.len() > 10_000,
+            "{coding:?}: only {} bytes decodable after 20 kB verified",
+            decoded.len()
+        );
+        assert_eq!(decoded[..], whole[..decoded.len()], "{coding:?}");
+        assert_eq!(s.report().path().as_str(), "spliced");
+    }
+}
+
+#[test]
 fn a_page_that_keeps_changing_stops_being_recorded() {
     let decorator = decorator();
     let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
@@ -424,7 +497,7 @@ fn a_page_that_keeps_changing_stops_being_recorded() {
             ct,
             page_bytes.as_bytes(),
             &[],
-            i % 2 == 1,
+            [None, Some(Coding::Gzip), Some(Coding::Brotli)][i % 3],
         );
         assert_eq!(
             got,
@@ -669,6 +742,75 @@ async fn compressed_pages_are_spliced_from_their_decoded_recording() {
         Some(4.0),
         "{m}"
     );
+}
+
+/// An origin that sends its pages uncompressed: once a recording answers a page, it goes out in
+/// the coding the client prefers (free with packed pieces), decoded exactly to the uncached
+/// rewrite; a client that accepts no packed coding, or refuses them by weight, gets it as the
+/// origin sent it; every response of the page says `Vary: Accept-Encoding`.
+#[tokio::test]
+async fn an_uncompressed_page_answered_from_a_recording_goes_out_in_the_clients_coding() {
+    let page = SYNTHETIC.repeat(20);
+    let served = Bytes::from(page.clone());
+    let origin = origin()
+        .route("/plain", move |_| Reply::html(served.clone()))
+        .start()
+        .await;
+    let proxy = proxy(ADMIN, origin.addr).await;
+    let decorator = Arc::clone(&config("", origin.addr).decorator);
+    let cases: &[(Option<&str>, Option<&str>)] = &[
+        // The first request records the page: it is rewritten as it comes, not compressed.
+        (Some("gzip, deflate, br"), None),
+        (Some("gzip, deflate, br"), Some("br")),
+        (Some("gzip"), Some("gzip")),
+        (Some("br;q=0.5, gzip"), Some("gzip")),
+        (Some("br;q=0, gzip;q=0"), None),
+        (Some("deflate, zstd"), None),
+        (None, None),
+        (Some("*"), Some("br")),
+    ];
+    for (i, &(accept, want_coding)) in cases.iter().enumerate() {
+        let id = format!("visitor-{i}");
+        let mut req = get(proxy.addr, "/plain")
+            .header("accept", "text/html")
+            .cookie(&format!("km_ai={id}"));
+        if let Some(a) = accept {
+            req = req.header("accept-encoding", a);
+        }
+        let rsp = req.send().await;
+        let coding = header(&rsp, "content-encoding").map(str::to_owned);
+        assert_eq!(coding.as_deref(), want_coding, "Accept-Encoding {accept:?}");
+        if accept.is_some() {
+            let vary = header(&rsp, "vary")
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            assert!(vary.contains("accept-encoding"), "Vary: {vary}");
+        }
+        let raw = body_of(rsp).await;
+        let body = match &coding {
+            Some(c) => decoded(c, &raw),
+            None => raw.to_vec(),
+        };
+        let id = VisitorId::from_cookie_value(&id).unwrap();
+        let want = uncached(
+            &decorator,
+            Some(&id),
+            "text/html; charset=utf-8",
+            page.as_bytes(),
+        );
+        assert!(
+            body == want,
+            "{accept:?}: differs from the uncached rewrite"
+        );
+        if coding.is_some() {
+            assert!(
+                raw.len() < want.len() * 3 / 4,
+                "{accept:?}: {} of {} bytes",
+                raw.len(),
+                want.len()
+            );
+        }
+    }
 }
 
 /// How an origin compresses one response in the compressed differential test.

@@ -6,8 +6,9 @@
 //! - Partners: those of the `rewrite` target (`common::decorators`).
 //! - `SEL`: bit `0x01` the recorded visit has an ID; bit `0x02` the later visits do; bit `0x04`
 //!   the later ID is the hostile one; bits `0x18` the charset (none, UTF-8, windows-1252,
-//!   Shift_JIS); bit `0x20` the later visits go through a gzip encoder (a replay then sends the
-//!   recording's packed pieces) and are read back by flate2; bit `0x80` `existing = "replace"`.
+//!   Shift_JIS); bit `0x20` the later visits go through a gzip encoder, or a brotli one with bit
+//!   `0x40` (a replay then sends the recording's packed pieces), and are read back by flate2 or
+//!   brotli's decoder; bit `0x80` `existing = "replace"`.
 //! - `OP % 4`, `POS`, `BYTE`: how the second page differs from the first: not at all, byte `POS`
 //!   replaced by `BYTE`, cut at `POS`, or `BYTE` inserted at `POS` (`POS` modulo the length + 1).
 //! - `N`, `SIZES`: chunk sizes for the later visits, as in the `rewrite` target.
@@ -75,6 +76,11 @@ fuzz_target!(|data: &[u8]| {
         (true, true) => Some(setup.hostile.clone()),
     };
     let gzip = sel & 0x20 != 0;
+    let coding = if sel & 0x40 != 0 {
+        Coding::Brotli
+    } else {
+        Coding::Gzip
+    };
     let (charset, content_type) = match (sel >> 3) & 0x03 {
         0 => (Charset::Sniffed, "text/html"),
         1 => (Charset::Declared(encoding_rs::UTF_8), "text/html; charset=utf-8"),
@@ -125,7 +131,7 @@ fuzz_target!(|data: &[u8]| {
         );
         let mut got = Vec::new();
         let mut wire = Vec::new();
-        let mut encoder = Encoder::new(Coding::Gzip);
+        let mut encoder = Encoder::new(coding);
         let mut at = 0;
         let mut cycle = chunks.iter().filter(|&&c| c > 0).cycle();
         while at < input.len() {
@@ -146,10 +152,16 @@ fuzz_target!(|data: &[u8]| {
         }
         if gzip {
             wire.extend_from_slice(&splicer.end_encoded(&mut encoder).unwrap());
-            let mut reader = flate2::read::GzDecoder::new(&wire[..]);
-            std::io::Read::read_to_end(&mut reader, &mut got)
-                .expect("the spliced gzip stream is valid, CRC and length included");
-            assert!(reader.into_inner().is_empty(), "bytes after the gzip member");
+            if coding == Coding::Gzip {
+                let mut reader = flate2::read::GzDecoder::new(&wire[..]);
+                std::io::Read::read_to_end(&mut reader, &mut got)
+                    .expect("the spliced gzip stream is valid, CRC and length included");
+                assert!(reader.into_inner().is_empty(), "bytes after the gzip member");
+            } else {
+                let mut reader = brotli::Decompressor::new(&wire[..], 4096);
+                std::io::Read::read_to_end(&mut reader, &mut got)
+                    .expect("the spliced brotli stream is valid");
+            }
         } else {
             got.extend_from_slice(&splicer.end());
         }

@@ -494,3 +494,40 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn the_coding_to_compress_in_follows_the_clients_weights() {
+    let pick = |fields: &[&str]| {
+        let values: Vec<http::HeaderValue> = fields
+            .iter()
+            .map(|f| http::HeaderValue::from_str(f).unwrap())
+            .collect();
+        preferred(values.iter())
+    };
+    let cases: &[(&[&str], Option<Coding>)] = &[
+        (&[], None),
+        (&[""], None),
+        (&["identity"], None),
+        (&["gzip"], Some(Coding::Gzip)),
+        (&["x-gzip"], Some(Coding::Gzip)),
+        (&["GZIP, Br"], Some(Coding::Brotli)),
+        (&["gzip, deflate, br, zstd"], Some(Coding::Brotli)),
+        (&["gzip", "br"], Some(Coding::Brotli)),
+        (&["br;q=0.5, gzip"], Some(Coding::Gzip)),
+        (&["br;q=0, gzip;q=0.1"], Some(Coding::Gzip)),
+        (&["br;q=0, gzip;q=0"], None),
+        (&["gzip;q=0, identity;q=0"], None),
+        (&["*"], Some(Coding::Brotli)),
+        (&["*;q=0.5, br;q=0"], Some(Coding::Gzip)),
+        (&["*;q=0"], None),
+        (&["deflate, zstd"], None),
+        (&["gzip;q=1.0, br;q=0.999"], Some(Coding::Gzip)),
+        (&["gzip;q=2"], None),
+        (&["gzip;q=abc"], None),
+        (&["gzip;q=0.5, gzip;q=0"], Some(Coding::Gzip)),
+        (&["br ; q=0.8 , gzip ; q=0.9"], Some(Coding::Gzip)),
+    ];
+    for (fields, want) in cases {
+        assert_eq!(pick(fields), *want, "{fields:?}");
+    }
+}

@@ -221,9 +221,7 @@ impl Reply {
     /// A body sent as these frames, one after another, chunked.
     pub fn parts(mut self, parts: Vec<Bytes>) -> Reply {
         let frames = futures_util::stream::iter(
-            parts
-                .into_iter()
-                .map(|p| Ok::<_, BoxError>(Frame::data(p))),
+            parts.into_iter().map(|p| Ok::<_, BoxError>(Frame::data(p))),
         );
         self.body = boxed(http_body_util::StreamBody::new(frames));
         self
