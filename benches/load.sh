@@ -933,7 +933,7 @@ for conns in $CONNS_LIST; do
         p90=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 90)"; done | median)
         p99=$(for f in "${files[@]}"; do to_ms "$(wrk_pct "$f" 99)"; done | median)
         kib=$(for f in "${files[@]}"; do wrk_kib_per_request "$f"; done | median)
-        printf '%-6s %-22s %12.0f %10s %10s %10s %10s\n' "$conns" "$c" "${RPS[$c,$conns]}" "${P50[$c,$conns]}" "$p90" "$p99" "$kib"
+        printf '%-6s %-22s %12.0f %10s %10s %10s %10.1f\n' "$conns" "$c" "${RPS[$c,$conns]}" "${P50[$c,$conns]}" "$p90" "$p99" "$kib"
     done
 done
 
