@@ -380,7 +380,9 @@ async fn a_policy_that_forbids_the_script_gets_the_page_byte_for_byte() {
 
 /// The script's decorator and the Rust `Decorator` agree: the same hrefs, against the same base,
 /// with the same IDs, under `existing = "keep"` and `"replace"`, give the same URL (as the
-/// browser resolves what each wrote) or both leave the link alone.
+/// browser resolves what each wrote) or both leave the link alone. The partners overlap where
+/// the order of host matching decides (an exact host of a redirect partner inside another
+/// partner's wildcard) and one has two `paths`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_and_the_rust_decorator_agree() {
     let page = origin()
@@ -414,6 +416,11 @@ async fn the_script_and_the_rust_decorator_agree() {
         "https://partner.net/a",
         "https://shop.example/checkout/pay?x=1",
         "https://shop.example/other",
+        "https://shop.example/cart",
+        "https://shop.example/cart/",
+        "https://shop.example/cartx",
+        "https://out.partner.net/x",
+        "https://a.out.partner.net/x",
         "https://go.redirect.test/land?x=1 2",
         "https://go.redirect.test/l!a'n(d)~*?q=!'()~*",
         "http://www.elsewhere.test/",
@@ -437,10 +444,10 @@ domains = ["checkout.partner.test", "*.partner.net"]
 [[partner]]
 name = "shop"
 domains = ["shop.example"]
-paths = ["/checkout/*"]
+paths = ["/checkout/*", "/cart"]
 [[partner]]
 name = "out"
-domains = ["go.redirect.test"]
+domains = ["go.redirect.test", "out.partner.net"]
 mode = "redirect"
 "#
         );
