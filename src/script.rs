@@ -9,8 +9,9 @@
 //! and `submit`, in the capture phase on `window`, following `composedPath()` into open shadow
 //! roots. It applies the decorator's rules (exact and `*.` hosts, `paths`, `mode`, the
 //! parameter's name, `existing`, the ID's percent-encoding, the fragment kept) to the URL the
-//! browser resolved, and reads the ID in the browser: `KM.i()`, else the identity cookies,
-//! validated as the server validates them, unless consent or Global Privacy Control says no.
+//! browser resolved (for a form, its submit button's `formaction` if it has one), and reads the
+//! ID in the browser: `KM.i()`, else the identity cookies, validated as the server validates
+//! them, unless consent or Global Privacy Control says no.
 //!
 //! **The ID is never in the script or in the tag.** Both are the same bytes for every visitor,
 //! which is what lets a recorded rewrite (see `splice`) replay them, and what lets the file be

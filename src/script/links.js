@@ -38,16 +38,17 @@
       if(C.x&&(p=a+'?'+p.join('&')+y)!=s)return p
     }
   },
-  // Form `f` on a partner with `forms`: a POST gets the parameter in its action, anything
-  // else (GET) a hidden input unless the form has a field of that name.
-  F=f=>{let a=f.getAttribute('action'),m=f.getAttribute('method')?.toLowerCase(),u,v,h;
+  // Form `f` submitted by button `b` (or none): the button's `formaction` and `formmethod`
+  // override the form's. On a partner with `forms`, a POST gets the parameter in its action,
+  // anything else (GET) a hidden input unless the form has a field of that name.
+  F=(f,b)=>{let[k,n]=b?.hasAttribute('formaction')?[b,'formaction']:[f,'action'],a=k.getAttribute(n),m=(b?.getAttribute('formmethod')??f.getAttribute('method'))?.toLowerCase(),u,v,h;
     if(!a?.trim()||m=='dialog')return;
-    if(P(u=new URL(a,d.baseURI))?.[2]&&(v=I()))m=='post'?(h=H(u.href,v))&&f.setAttribute('action',h):f.querySelector('[name="'+C.n+'"]')||f.append(Object.assign(d.createElement('input'),{type:'hidden',name:C.n,value:v}))
+    if(P(u=new URL(a,d.baseURI))?.[2]&&(v=I()))m=='post'?(h=H(u.href,v))&&k.setAttribute(n,h):f.querySelector('[name="'+C.n+'"]')||f.append(Object.assign(d.createElement('input'),{type:'hidden',name:C.n,value:v}))
   },
   // Every listened event: a submit is the form's; anything else decorates the first link with
   // an href on its composed path (into open shadow roots).
   G=e=>{try{let t=e.type,l,h;
-    if(t=='submit')F(e.target);
+    if(t=='submit')F(e.target,e.submitter);
     else if(t!='keydown'||e.key=='Enter')for(l of e.composedPath())if(/^A(REA)?$/.test(l.tagName)&&l.href){if(h=H(l.href,I()))l.href=h;break}
   }catch{}};
 'mousedown auxclick keydown touchstart click submit'.split(' ').forEach(t=>w.addEventListener(t,G,!0));
