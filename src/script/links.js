@@ -25,10 +25,11 @@
   }catch{}},
   // The host entry `[host, redirect, forms, paths]` of the partner whose site URL `u` is on.
   P=u=>{let h=u.hostname.replace(/\.$/,''),m=/^https?:$/.test(u.protocol)&&C.h.find(e=>e[0].test(h));return m&&m[3].test(u.pathname)&&m},
-  // `s`, an absolute URL, decorated for ID `v`: through the redirect path for a redirect-mode
-  // partner; else with the parameter added after the query (`a` the URL up to the query, `q`
-  // the query, `y` the fragment) or, under `existing = "replace"`, in place of the first one
-  // (`f` counts them; later ones are dropped). Undefined where the link stays as it is.
+  // `s`, an absolute URL as the browser serializes it (`a.href`: no spaces, so none to write
+  // as `+` in the redirect link), decorated for ID `v`: through the redirect path for a
+  // redirect-mode partner; else with the parameter added after the query (`a` the URL up to the
+  // query, `q` the query, `y` the fragment) or, under `existing = "replace"`, in place of the
+  // first one (`f` counts them; later ones are dropped). Undefined where it stays as it is.
   H=(s,v)=>{let i=P(new URL(s)),[,a,q,y]=s.match(/([^?#]*)\??([^#]*)(.*)/),f=0,p;
     if(i&&i[1])return location.origin+C.r+E(s,/[!'()~]/g);
     if(i&&v){
