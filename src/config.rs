@@ -596,28 +596,22 @@ impl Validator {
             .redirect
             .path
             .unwrap_or_else(|| DEFAULT_REDIRECT_PATH.to_owned());
-        if !redirect_path.starts_with('/')
-            || redirect_path.contains(['?', '#', ' '])
-            || redirect_path == "/"
-        {
+        if let Err(why) = endpoint_path(&redirect_path) {
             self.problem(
                 "redirect.path",
                 &redirect_path,
-                "a path of its own on this site, like \"/_kmi/out\"",
+                format!("{why}; a path of its own on this site, like \"/_kmi/out\""),
             );
         }
         let script_path = raw
             .script
             .path
             .unwrap_or_else(|| script::DEFAULT_PATH.to_owned());
-        if !script_path.starts_with('/')
-            || script_path.contains(['?', '#', ' '])
-            || script_path == "/"
-        {
+        if let Err(why) = endpoint_path(&script_path) {
             self.problem(
                 "script.path",
                 &script_path,
-                "a path of its own on this site, like \"/_kmi/links.js\"",
+                format!("{why}; a path of its own on this site, like \"/_kmi/links.js\""),
             );
         } else if script_path == redirect_path {
             self.problem(
@@ -1097,6 +1091,41 @@ impl fmt::Display for Config {
     }
 }
 
+/// Whether `path` can be one of the proxy's own endpoints (`redirect.path`, `script.path`): the
+/// proxy compares it with the request's path as sent and writes it into pages (the script tag's
+/// `src`, redirect links), so it must be a path a browser requests exactly as written and that
+/// reads the same inside an HTML attribute. Hence only RFC 3986 path characters that no browser
+/// changes: letters, digits, `-._~!$'()*+,;=:@` and `/`. Not `%` (an escape may be decoded or
+/// re-encoded on the way), `&` (a character reference in an attribute), `"`, `<`, `>`, `\`,
+/// whitespace, controls or non-ASCII; no `.` or `..` segment (browsers remove them) and no `//`
+/// at the start (a `src` of `//host/...` names another site).
+fn endpoint_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("a path starts with `/`".into());
+    }
+    if path == "/" {
+        return Err("`/` is the site's home page".into());
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || "-._~!$'()*+,;=:@/".contains(c)))
+    {
+        return Err(format!(
+            "{c:?} cannot be in it (only letters, digits and -._~!$'()*+,;=:@/)"
+        ));
+    }
+    if path.starts_with("//") {
+        return Err("`//` at the start would name another host".into());
+    }
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err("browsers remove `.` and `..` segments before they ask".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1222,6 +1251,61 @@ mod tests {
         );
         let p = problems("listen = \"127.0.0.1:1\"\nupstream = \"http://a\"\n[identity]\nexisting = \"overwrite\"\n");
         assert!(p[0].message.contains("overwrite"), "{:?}", p[0]);
+    }
+
+    /// `[script] path` and `[redirect] path` are paths the proxy answers and writes into pages
+    /// (the tag's `src`, the redirect links): one a browser would request exactly as written.
+    #[test]
+    fn an_endpoint_path_must_be_one_a_browser_requests_as_written() {
+        for (key, other) in [("script", "redirect"), ("redirect", "script")] {
+            // The other endpoint somewhere none of these paths are.
+            let other = format!("upstream = \"http://a\"\n[{other}]\npath = \"/_kmi/other\"\n");
+            for bad in [
+                "_kmi/links.js",
+                "",
+                "/",
+                "/_kmi/links.js?v=1",
+                "/_kmi/links.js#x",
+                "/_kmi/links .js",
+                "/_kmi/links\t.js",
+                "/_kmi/links.js\n",
+                "/_kmi/\u{7f}.js",
+                "/_kmi/links\".js",
+                "/_kmi/<links>.js",
+                "/_kmi/links.js&amp",
+                "/_kmi\\links.js",
+                "/_kmi/l%69nks.js",
+                "/_kmi/lïnks.js",
+                "/_kmi/`{|}^.js",
+                "//cdn.example/links.js",
+                "/_kmi/./links.js",
+                "/_kmi/../links.js",
+                "/_kmi/..",
+            ] {
+                let value = toml::Value::String(bad.into());
+                let text = format!("{other}[{key}]\npath = {value}\n");
+                let p = Config::parse(&text, "t")
+                    .map(|_| ())
+                    .expect_err(&format!("{key}.path = {bad:?} was accepted"));
+                assert_eq!(p.problems.len(), 1, "{key}.path = {bad:?}: {p}");
+                assert_eq!(p.problems[0].key, format!("{key}.path"), "{bad:?}");
+                assert_eq!(p.problems[0].value, format!("{bad:?}"));
+            }
+            for good in [
+                "/_kmi/links.js",
+                "/a",
+                "/_kmi/",
+                "/k-m_i.~/l!$'()*+,;=:@.js",
+                "/.well-known/kmi/links.js",
+                "/_kmi/links..js",
+            ] {
+                let value = toml::Value::String(good.into());
+                let text = format!("{other}[{key}]\npath = {value}\n");
+                if let Err(e) = Config::parse(&text, "t") {
+                    panic!("{key}.path = {good:?} was refused: {e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -892,19 +892,29 @@ fn is_xhtml(content_type: &str) -> bool {
 
 /// The link script, `GET <script.path>`: the same bytes for every visitor. Under its current
 /// version (`?v=`, which the injected tag names) it may be cached for a year, since a
-/// configuration that changes it changes the URL; under any other URL it is revalidated.
+/// configuration that changes it changes the URL. Under any other URL (a stale version from a
+/// page cached before a reload, or none) it is today's script marked `no-cache`: a cache may keep
+/// it but asks again each time, so no old URL pins these bytes. The ETag is the version; an
+/// `If-None-Match` naming it (weakly, or `*`) gets 304. HEAD gets the headers GET would, with the
+/// length; any other method 405.
 fn serve_script(
     script: &Script,
     req: &Request<Incoming>,
     mut log: AccessLog,
 ) -> Response<ResponseBody> {
     log.rewrite = "script";
+    // The path is the proxy's while the script is on: other methods are refused here rather
+    // than passed to the origin, which never sees this path.
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error_response(
+        let mut refused = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            "the link script answers GET only",
+            "the link script answers GET and HEAD only",
             log,
         );
+        refused
+            .headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return refused;
     }
     let etag = format!("\"{}\"", script.version);
     let current = req.uri().query().is_some_and(|q| {

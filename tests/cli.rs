@@ -161,6 +161,65 @@ domains = ["https://x.partner.com/"]
     }
 }
 
+/// The script's path is written into every rewritten page as the tag's `src`: `check` refuses
+/// one a browser would not request as written (or that would break out of the attribute) and
+/// names the key and the value; a good one is shown back with the tag that uses it.
+#[test]
+fn check_refuses_a_script_path_a_browser_would_not_request_as_written() {
+    let dir = TempDir::new("script-path");
+    for (bad, why) in [
+        ("_kmi/links.js", "starts with `/`"),
+        ("/_kmi/links.js?v=2", "'?' cannot be in it"),
+        ("/_kmi/links js", "' ' cannot be in it"),
+        ("/_kmi/\"onload=\"x", "'\"' cannot be in it"),
+        ("//cdn.example/links.js", "would name another host"),
+        ("/_kmi/../links.js", "`.` and `..` segments"),
+    ] {
+        let file = dir.file(
+            "bad.toml",
+            &format!(
+                "upstream = \"http://127.0.0.1:3000\"\n[script]\ninject = true\npath = {}\n",
+                toml_string(bad)
+            ),
+        );
+        let out = run(&mut kmi_proxy(&["check", "--config", text(&file)]));
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {out:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("{}: 1 problem", file.display())),
+            "{bad:?}:\n{err}"
+        );
+        let named = format!("script.path = {bad:?}: ");
+        assert!(
+            err.contains(&named),
+            "{bad:?}: missing {named:?} in:\n{err}"
+        );
+        assert!(err.contains(why), "{bad:?}: missing {why:?} in:\n{err}");
+    }
+    let file = dir.file(
+        "good.toml",
+        "upstream = \"http://127.0.0.1:3000\"\n[script]\ninject = true\npath = \"/.well-known/kmi/links.js\"\n",
+    );
+    let out = run(&mut kmi_proxy(&["check", "--config", text(&file)]));
+    assert!(out.status.success(), "{out:?}");
+    let shown = stdout(&out);
+    assert!(
+        shown.contains("<script src=\"/.well-known/kmi/links.js?v="),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|l| l == "path = \"/.well-known/kmi/links.js\""),
+        "{shown}"
+    );
+}
+
+/// A TOML basic string holding `text`.
+fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 #[test]
 fn unknown_key_and_missing_file_exit_1_naming_the_file() {
     let dir = TempDir::new("unknown");

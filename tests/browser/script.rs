@@ -1,5 +1,6 @@
 //! The injected click-time link script in real Chromium: links and forms that the page's own
-//! scripts create after load (inserted, re-pointed, in a shadow root, a built form), activated
+//! scripts create after load (inserted, re-pointed, in a shadow root, a built form, a submit
+//! button's `formaction`), activated
 //! by real input events (click, middle click, Enter), reach the partner with `kmi` equal to the
 //! ID the browser holds; `KM.i()` wins over the cookie; no cookie, no consent and Global Privacy
 //! Control leave links alone; a strict nonce-based policy runs the script with no violation; a
@@ -21,10 +22,12 @@ use crate::HOST_RULES;
 const NONCE: &str = "n0nc3+R4nd/0m==";
 
 /// The site's page: after load its script inserts a partner link (`#ins`), re-points a link
-/// that pointed elsewhere (`#chg`), puts a partner link in an open shadow root (`#sh`) and builds
-/// a GET form to the partner (`#f`, submitted by `#fb`); all with DOM calls only (no
-/// `innerHTML`, so Trusted Types have nothing to object to). `head_extra` runs first; every
-/// policy violation the browser reports is kept in `window.violations`.
+/// that pointed elsewhere (`#chg`), puts a partner link in an open shadow root (`#sh`), builds
+/// a GET form to the partner (`#f`, submitted by `#fb`) and a form to another site whose submit
+/// buttons send it to the partner instead (`formaction`: `#gb` as a GET, `#gp` as a POST by
+/// `formmethod`); all with DOM calls only (no `innerHTML`, so Trusted Types have nothing to
+/// object to). `head_extra` runs first; every policy violation the browser reports is kept in
+/// `window.violations`.
 fn site_page(partner_port: u16, nonce: Option<&str>, head_extra: &str) -> String {
     let n = nonce.map(|n| format!(" nonce=\"{n}\"")).unwrap_or_default();
     let partner = format!("http://checkout.partner.test:{partner_port}/land");
@@ -61,6 +64,17 @@ addEventListener("load", function () {{
     var b = document.createElement("button");
     b.id = "fb"; b.type = "submit"; b.textContent = "Send"; f.appendChild(b);
     document.body.appendChild(f);
+    var g = document.createElement("form");
+    g.action = "http://www.elsewhere.test:{partner_port}/land"; g.method = "get";
+    var j = document.createElement("input");
+    j.type = "hidden"; j.name = "case"; j.value = "formaction"; g.appendChild(j);
+    var gb = document.createElement("button");
+    gb.id = "gb"; gb.type = "submit"; gb.formAction = "{partner}"; gb.textContent = "Send";
+    var gp = document.createElement("button");
+    gp.id = "gp"; gp.type = "submit"; gp.formAction = "{partner}?case=formpost";
+    gp.formMethod = "post"; gp.textContent = "Post";
+    g.appendChild(gb); g.appendChild(gp);
+    document.body.appendChild(g);
     document.body.setAttribute("data-ready", "yes");
   }}, 0);
 }});
@@ -213,6 +227,8 @@ const INS: &str = "return document.getElementById('ins');";
 const CHG: &str = "return document.getElementById('chg');";
 const SHADOW: &str = "return document.getElementById('host').shadowRoot.querySelector('a');";
 const FORM_BUTTON: &str = "return document.getElementById('fb');";
+const FORMACTION_GET: &str = "return document.getElementById('gb');";
+const FORMACTION_POST: &str = "return document.getElementById('gp');";
 
 const ID: &str = "Zk9+aB/c3Q==";
 const COOKIE: &str = "km_ai=Zk9%2BaB%2Fc3Q%3D%3D";
@@ -228,6 +244,8 @@ async fn links_and_forms_that_scripts_create_reach_the_partner_with_the_id() {
         (CHG, Activation::Click, "chg"),
         (SHADOW, Activation::Click, "shadow"),
         (FORM_BUTTON, Activation::Click, "form"),
+        (FORMACTION_GET, Activation::Click, "formaction"),
+        (FORMACTION_POST, Activation::Click, "formpost"),
     ] {
         env.load().await;
         let kmi = env.activate(locate, how, case).await;
@@ -380,7 +398,9 @@ async fn a_policy_that_forbids_the_script_gets_the_page_byte_for_byte() {
 
 /// The script's decorator and the Rust `Decorator` agree: the same hrefs, against the same base,
 /// with the same IDs, under `existing = "keep"` and `"replace"`, give the same URL (as the
-/// browser resolves what each wrote) or both leave the link alone.
+/// browser resolves what each wrote) or both leave the link alone. The partners overlap where
+/// the order of host matching decides (an exact host of a redirect partner inside another
+/// partner's wildcard) and one has two `paths`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_and_the_rust_decorator_agree() {
     let page = origin()
@@ -414,6 +434,11 @@ async fn the_script_and_the_rust_decorator_agree() {
         "https://partner.net/a",
         "https://shop.example/checkout/pay?x=1",
         "https://shop.example/other",
+        "https://shop.example/cart",
+        "https://shop.example/cart/",
+        "https://shop.example/cartx",
+        "https://out.partner.net/x",
+        "https://a.out.partner.net/x",
         "https://go.redirect.test/land?x=1 2",
         "https://go.redirect.test/l!a'n(d)~*?q=!'()~*",
         "http://www.elsewhere.test/",
@@ -437,10 +462,10 @@ domains = ["checkout.partner.test", "*.partner.net"]
 [[partner]]
 name = "shop"
 domains = ["shop.example"]
-paths = ["/checkout/*"]
+paths = ["/checkout/*", "/cart"]
 [[partner]]
 name = "out"
-domains = ["go.redirect.test"]
+domains = ["go.redirect.test", "out.partner.net"]
 mode = "redirect"
 "#
         );
