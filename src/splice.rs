@@ -33,7 +33,7 @@ use crate::coding::{Coding, Encoder};
 use crate::decorate::Decorator;
 use crate::identity::VisitorId;
 use crate::metrics::Metrics;
-use crate::pack::{Pack, PackKind, Piece};
+use crate::pack::{self, Pack, PackKind, Piece};
 use crate::rewrite::{Page, PageRewriter, RewriteStats};
 
 /// `kmi` and 32 hex digits: what every sentinel starts with.
@@ -137,13 +137,46 @@ pub struct Recording {
     links: Vec<usize>,
     /// Divergences in a row up to this recording.
     misses: AtomicU32,
-    /// The output packed for gzip and for brotli, each made when a response in that coding
-    /// first replays it.
-    gzip: OnceLock<Pack>,
-    brotli: OnceLock<Pack>,
+    /// The output packed, per coding and per length of the visitor's ID (see [`pack::Shape`]),
+    /// each made when a response that needs it first replays the page.
+    packs: Packs,
     /// The origin's compressed body, when the page came compressed: a later response in the
     /// same coding is compared with it as it arrives, with no decoding at all.
     wire: Option<Wire>,
+}
+
+/// How many packed variants (coding and ID lengths) a recording keeps before it falls back to
+/// one pack per coding that fits any ID. Anonymous IDs mostly share a length or two.
+const PACK_VARIANTS: usize = 6;
+/// Packed pieces end at checkpoints at least this far apart in the output.
+const PACK_CUT_EVERY: usize = 32 * 1024;
+
+/// A recording's packed outputs. Set once each, read without locks.
+#[derive(Default)]
+struct Packs {
+    /// A byte the output does not use, for shaped packs; `Some(None)` when there is none.
+    filler: OnceLock<Option<u8>>,
+    shaped: [OnceLock<Variant>; PACK_VARIANTS],
+    any_gzip: OnceLock<Pack>,
+    any_brotli: OnceLock<Pack>,
+}
+
+struct Variant {
+    kind: PackKind,
+    lens: (usize, usize),
+    pack: Pack,
+}
+
+impl Packs {
+    fn weight(&self) -> usize {
+        self.shaped
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|v| v.pack.weight())
+            .sum::<usize>()
+            + self.any_gzip.get().map_or(0, Pack::weight)
+            + self.any_brotli.get().map_or(0, Pack::weight)
+    }
 }
 
 /// An origin's compressed body as recorded.
@@ -183,8 +216,7 @@ impl Recording {
             + self.slots.len() * 16
             + self.checkpoints.len() * 16
             + self.links.len() * 8
-            + self.gzip.get().map_or(0, Pack::weight)
-            + self.brotli.get().map_or(0, Pack::weight)
+            + self.packs.weight()
             + self
                 .wire
                 .as_ref()
@@ -192,22 +224,66 @@ impl Recording {
             + 256
     }
 
-    /// The output packed for `kind`; true beside it when this call made it.
-    fn pack(&self, kind: PackKind) -> (&Pack, bool) {
+    /// The output packed for `kind` and IDs of these lengths (percent-encoded, HTML-escaped);
+    /// true beside it when this call made it.
+    fn pack(&self, kind: PackKind, lens: (usize, usize)) -> (&Pack, bool) {
+        let slots: Vec<(usize, usize)> = self
+            .slots
+            .iter()
+            .map(|&(at, _)| (at, SENTINEL_LEN))
+            .collect();
+        // Fewer cuts than checkpoints: each cut ends a compressed block, and a new block costs
+        // its code tables.
+        let mut cuts: Vec<usize> = Vec::new();
+        for &(_, n) in &self.checkpoints {
+            if n >= cuts.last().copied().unwrap_or(0) + PACK_CUT_EVERY {
+                cuts.push(n);
+            }
+        }
+        let build =
+            |shape: Option<pack::Shape<'_>>| Pack::new(kind, &self.output, &slots, &cuts, shape);
+        let filler = *self
+            .packs
+            .filler
+            .get_or_init(|| pack::absent_byte(&self.output));
+        if let Some(filler) = filler {
+            for cell in &self.packs.shaped {
+                let mut made = false;
+                let variant = cell.get_or_init(|| {
+                    made = true;
+                    let per_slot: Vec<usize> = self
+                        .slots
+                        .iter()
+                        .map(|&(_, form)| match form {
+                            Form::Url => lens.0,
+                            Form::Html => lens.1,
+                        })
+                        .collect();
+                    let shape = pack::Shape {
+                        filler,
+                        lens: &per_slot,
+                    };
+                    Variant {
+                        kind,
+                        lens,
+                        pack: build(Some(shape)),
+                    }
+                });
+                if variant.kind == kind && variant.lens == lens {
+                    return (&variant.pack, made);
+                }
+            }
+        }
+        // Every variant taken (or a page that uses all 256 byte values): one pack per coding
+        // that is valid for any ID, each run compressed afresh.
         let cell = match kind {
-            PackKind::Gzip => &self.gzip,
-            PackKind::Brotli => &self.brotli,
+            PackKind::Gzip => &self.packs.any_gzip,
+            PackKind::Brotli => &self.packs.any_brotli,
         };
         let mut made = false;
         let pack = cell.get_or_init(|| {
             made = true;
-            let slots: Vec<(usize, usize)> = self
-                .slots
-                .iter()
-                .map(|&(at, _)| (at, SENTINEL_LEN))
-                .collect();
-            let cuts: Vec<usize> = self.checkpoints.iter().map(|&(_, n)| n).collect();
-            Pack::new(kind, &self.output, &slots, &cuts)
+            build(None)
         });
         (pack, made)
     }
@@ -336,8 +412,7 @@ impl Recorder {
             checkpoints: self.checkpoints,
             links: stats.counts(),
             misses: AtomicU32::new(self.misses),
-            gzip: OnceLock::new(),
-            brotli: OnceLock::new(),
+            packs: Packs::default(),
             wire,
         })
     }
@@ -982,7 +1057,13 @@ impl Splicer {
             return Bytes::new();
         };
         let recording = &replay.recording;
-        let (pack, made) = recording.pack(kind);
+        let lens = (self.forms.url.len(), self.forms.html.len());
+        let (pack, made) = recording.pack(kind, lens);
+        // Packed pieces end at fewer places than the checkpoints: up to the last one covered.
+        let to = pack.floor(to);
+        if to <= replay.sent {
+            return Bytes::new();
+        }
         if made {
             // The store weighs an entry when it is inserted: weigh it again with its pack.
             if let Some((store, key)) = &self.store {

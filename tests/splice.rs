@@ -482,6 +482,41 @@ fn a_compressed_replay_sends_a_decodable_prefix_before_the_page_ends() {
 }
 
 #[test]
+fn visitors_with_ids_of_many_lengths_all_get_exact_compressed_pages() {
+    // Packs are made per ID length (compression reaches across the ID), a handful per page,
+    // then one that fits any length: every one of them must decode to the visitor's page.
+    let decorator = decorator();
+    let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
+    let page_bytes = SYNTHETIC.repeat(30).into_bytes();
+    let ct = "text/html; charset=utf-8";
+    let first = VisitorId::new("first").unwrap();
+    let (_, path) = spliced(&decorator, &store, Some(&first), ct, &page_bytes, &[], None);
+    assert_eq!(path, "recorded");
+    for round in 0..2 {
+        for len in 1..=20 {
+            let id = VisitorId::new(&"v+/".repeat(len)[..len + round]).unwrap();
+            for coding in [Coding::Gzip, Coding::Brotli] {
+                let (got, path) = spliced(
+                    &decorator,
+                    &store,
+                    Some(&id),
+                    ct,
+                    &page_bytes,
+                    &[4096, 4096, 100],
+                    Some(coding),
+                );
+                assert_eq!(path, "spliced");
+                assert!(
+                    got == uncached(&decorator, Some(&id), ct, &page_bytes),
+                    "{coding:?}, id of {} bytes",
+                    id.as_str().len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_page_that_keeps_changing_stops_being_recorded() {
     let decorator = decorator();
     let store = Recordings::new(8 << 20, Arc::new(Metrics::new())).unwrap();
