@@ -51,8 +51,8 @@ use kmi_proxy::coding::{Coding, Decoder, Encoder};
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::metrics::Metrics;
 use kmi_proxy::pack::PACK_LEVEL;
-use kmi_proxy::rewrite::{rewrite_chunks, PageRewriter};
-use kmi_proxy::splice::{Key, Path, Recordings, SpliceReport, Splicer, WireStep};
+use kmi_proxy::rewrite::PageRewriter;
+use kmi_proxy::splice::{Path, Recordings, SpliceReport, Splicer, WireStep};
 
 use estimates::Estimates;
 use pages::{subjects, Subject};
@@ -101,16 +101,6 @@ impl Case<'_> {
 struct Response {
     body: Vec<u8>,
     report: Arc<SpliceReport>,
-}
-
-fn splicer(s: &Subject, id: &VisitorId, store: &Arc<Recordings>) -> Splicer {
-    let key = Key::new(s.page.url.as_str(), "text/html", true);
-    Splicer::new(
-        Arc::clone(&s.decorator),
-        Some(id.clone()),
-        s.page.clone(),
-        Some((Arc::clone(store), key)),
-    )
 }
 
 /// What the body adapter sees of a compressed origin body (`body.rs`): each frame as it comes,
@@ -166,57 +156,52 @@ fn pipeline(case: &Case<'_>, id: &VisitorId) -> Vec<u8> {
     body
 }
 
-/// The contender `spliced`: the decoded page through the splicer and an encoder. Its first call
-/// on `case.plain` records the page; the splicer keeps no compressed body then, because none is
-/// given to it.
-fn spliced(case: &Case<'_>, id: &VisitorId) -> Response {
-    let mut splicer = splicer(case.s, id, &case.plain);
-    assert!(
-        !splicer.compressed(case.coding),
-        "{}: the plain recording would be compared compressed",
-        case.group()
-    );
-    let mut encoder = Encoder::new(case.coding);
-    let mut body = Vec::with_capacity(case.origin.len() * 2);
-    for chunk in case.s.bytes.chunks(CHUNK) {
-        let out = splicer
-            .write_encoded(chunk, &mut encoder)
-            .expect("encoding");
-        body.extend_from_slice(&out);
-    }
-    body.extend_from_slice(&splicer.end_encoded(&mut encoder).expect("encoding"));
-    Response {
-        body,
-        report: splicer.report(),
-    }
+/// Where a response verified decoded gets its decoded page from.
+#[derive(Clone, Copy)]
+enum Input {
+    /// The page itself, in 16 KiB chunks: the contender `spliced`.
+    Page,
+    /// The origin's compressed body decoded as `body.rs` decodes it, the frames and the
+    /// decoder's progress given to the splicer too (what a recording keeps of a compressed
+    /// body): the contender `spliced_decoding`.
+    Origin,
 }
 
-/// The origin's compressed body through the splicer as `body.rs` drives a body it decodes: the
-/// frames and the decoder's progress given to the splicer (what a recording keeps of the
-/// compressed body), the decoded slices through `write_encoded`. On `case.wire` before it holds
-/// the page this records it with its compressed body; on `case.plain` it is the contender
-/// `spliced_decoding`.
-fn decoding(case: &Case<'_>, id: &VisitorId, store: &Arc<Recordings>) -> Response {
-    let mut splicer = splicer(case.s, id, store);
+/// A response from `store` verified on the decoded page, through `write_encoded` /
+/// `end_encoded`. The first call on an empty store records the page instead: from
+/// [`Input::Page`] with no compressed body (none is given to the splicer), from
+/// [`Input::Origin`] with it.
+fn decoded(case: &Case<'_>, id: &VisitorId, store: &Arc<Recordings>, input: Input) -> Response {
+    let mut splicer = case.s.splicer(id, store);
     assert!(
         !splicer.compressed(case.coding),
-        "{}: a body to decode would be compared compressed",
+        "{}: a page to verify decoded would be compared compressed",
         case.group()
     );
     let mut encoder = Encoder::new(case.coding);
     let mut body = Vec::with_capacity(case.origin.len() * 2);
-    decode_origin(case.coding, &case.origin, |seen| match seen {
-        Seen::Frame(frame) => splicer.wire_taken(frame),
-        Seen::Slice(plain, used, given) => {
-            splicer.wire_mark(used, given);
-            if !plain.is_empty() {
-                let out = splicer
-                    .write_encoded(&plain, &mut encoder)
-                    .expect("encoding");
-                body.extend_from_slice(&out);
+    let mut write = |splicer: &mut Splicer, plain: &[u8]| {
+        let out = splicer
+            .write_encoded(plain, &mut encoder)
+            .expect("encoding");
+        body.extend_from_slice(&out);
+    };
+    match input {
+        Input::Page => {
+            for chunk in case.s.bytes.chunks(CHUNK) {
+                write(&mut splicer, chunk);
             }
         }
-    });
+        Input::Origin => decode_origin(case.coding, &case.origin, |seen| match seen {
+            Seen::Frame(frame) => splicer.wire_taken(frame),
+            Seen::Slice(plain, used, given) => {
+                splicer.wire_mark(used, given);
+                if !plain.is_empty() {
+                    write(&mut splicer, &plain);
+                }
+            }
+        }),
+    }
     body.extend_from_slice(&splicer.end_encoded(&mut encoder).expect("encoding"));
     Response {
         body,
@@ -228,7 +213,7 @@ fn decoding(case: &Case<'_>, id: &VisitorId, store: &Arc<Recordings>) -> Respons
 /// as `body.rs` does while they are equal. A frame that differs panics: the bench would
 /// otherwise measure a decode.
 fn spliced_wire(case: &Case<'_>, id: &VisitorId) -> Response {
-    let mut splicer = splicer(case.s, id, &case.wire);
+    let mut splicer = case.s.splicer(id, &case.wire);
     assert!(
         splicer.compressed(case.coding),
         "{}: the recording holds no compressed body to compare",
@@ -300,13 +285,7 @@ struct Sizes {
 /// Records the page, checks every contender once, and returns the case ready to be measured.
 fn prepare<'a>(s: &'a Subject, coding: Coding, id: &VisitorId) -> (Case<'a>, Sizes) {
     let store = || Recordings::new(64 << 20, Arc::new(Metrics::new())).expect("a store");
-    let (expected, stats) = rewrite_chunks(
-        Arc::clone(&s.decorator),
-        id.clone(),
-        s.page.clone(),
-        &s.bytes,
-        &[CHUNK],
-    );
+    let (expected, stats) = s.rewrite(id, CHUNK);
     let case = Case {
         s,
         coding,
@@ -329,8 +308,14 @@ fn prepare<'a>(s: &'a Subject, coding: Coding, id: &VisitorId) -> (Case<'a>, Siz
     // The first request records the page; every later one is spliced.
     let first = VisitorId::new(FIRST).unwrap();
     for (store, recorded) in [
-        (&case.plain, spliced(&case, &first)),
-        (&case.wire, decoding(&case, &first, &case.wire)),
+        (
+            &case.plain,
+            decoded(&case, &first, &case.plain, Input::Page),
+        ),
+        (
+            &case.wire,
+            decoded(&case, &first, &case.wire, Input::Origin),
+        ),
     ] {
         assert!(
             recorded.report.path() == Path::Recorded && store.held().0 == 1,
@@ -340,15 +325,15 @@ fn prepare<'a>(s: &'a Subject, coding: Coding, id: &VisitorId) -> (Case<'a>, Siz
         );
     }
 
-    let plain = spliced(&case, id);
+    let plain = decoded(&case, id, &case.plain, Input::Page);
     assert_decodes(&case, "spliced", &plain.body);
     assert_replayed(&case, "spliced", &plain, "decoded");
     let wire = spliced_wire(&case, id);
     assert_decodes(&case, "spliced_wire", &wire.body);
     assert_replayed(&case, "spliced_wire", &wire, "compressed");
-    let decoded = decoding(&case, id, &case.plain);
-    assert_decodes(&case, "spliced_decoding", &decoded.body);
-    assert_replayed(&case, "spliced_decoding", &decoded, "decoded");
+    let decoding = decoded(&case, id, &case.plain, Input::Origin);
+    assert_decodes(&case, "spliced_decoding", &decoding.body);
+    assert_replayed(&case, "spliced_decoding", &decoding, "decoded");
 
     let (once, once_how) = match coding {
         Coding::Gzip => (
@@ -394,7 +379,7 @@ fn bench(c: &mut Criterion) -> Vec<Sizes> {
             });
             group.bench_function(CONTENDERS[1], |b| {
                 b.iter(|| {
-                    let r = spliced(&case, &id);
+                    let r = decoded(&case, &id, &case.plain, Input::Page);
                     assert_replayed(&case, CONTENDERS[1], &r, "decoded");
                     black_box(r.body)
                 })
@@ -408,7 +393,7 @@ fn bench(c: &mut Criterion) -> Vec<Sizes> {
             });
             group.bench_function(CONTENDERS[3], |b| {
                 b.iter(|| {
-                    let r = decoding(&case, &id, &case.plain);
+                    let r = decoded(&case, &id, &case.plain, Input::Origin);
                     assert_replayed(&case, CONTENDERS[3], &r, "decoded");
                     black_box(r.body)
                 })

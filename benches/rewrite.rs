@@ -35,8 +35,8 @@ use criterion::{criterion_group, Criterion, Throughput};
 use kmi_proxy::config::DEFAULT_MEMORY_LIMIT;
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::metrics::Metrics;
-use kmi_proxy::rewrite::{rewrite_chunks, selectors};
-use kmi_proxy::splice::{Key, Recordings, Splicer};
+use kmi_proxy::rewrite::selectors;
+use kmi_proxy::splice::Recordings;
 
 use estimates::Estimates;
 use pages::{subjects, Subject};
@@ -49,26 +49,14 @@ const ID: &str = "Zk9+aB/c3Q==";
 
 /// The contender: the proxy's own rewriter, as it runs for one page.
 fn rewrite(s: &Subject, id: &VisitorId) -> (Vec<u8>, usize) {
-    let (out, stats) = rewrite_chunks(
-        Arc::clone(&s.decorator),
-        id.clone(),
-        s.page.clone(),
-        &s.bytes,
-        &[CHUNK],
-    );
+    let (out, stats) = s.rewrite(id, CHUNK);
     (out, stats.links_decorated())
 }
 
 /// The spliced path: a recording of this page already in `store`, the page fed in the proxy's
 /// chunks.
 fn spliced(s: &Subject, id: &VisitorId, store: &Arc<Recordings>) -> Vec<u8> {
-    let key = Key::new(s.page.url.as_str(), "text/html", true);
-    let mut splicer = Splicer::new(
-        Arc::clone(&s.decorator),
-        Some(id.clone()),
-        s.page.clone(),
-        Some((Arc::clone(store), key)),
-    );
+    let mut splicer = s.splicer(id, store);
     let mut out = Vec::with_capacity(s.bytes.len() + s.bytes.len() / 8);
     for chunk in s.bytes.chunks(CHUNK) {
         out.extend_from_slice(&splicer.write(chunk));

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use kmi_proxy::config::DEFAULT_MEMORY_LIMIT;
 use kmi_proxy::decorate::{Decorator, Existing};
+use kmi_proxy::identity::VisitorId;
 use kmi_proxy::partner::{DomainPattern, PartnerSet};
-use kmi_proxy::rewrite::{Charset, Page};
+use kmi_proxy::rewrite::{rewrite_chunks, Charset, Page, RewriteStats};
+use kmi_proxy::splice::{Key, Recordings, Splicer};
 use url::Url;
 
 use crate::common::{corpus_dir, most_linked_host};
@@ -57,6 +59,30 @@ pub struct Subject {
 }
 
 impl Subject {
+    /// The page through the uncached rewriter for `id`, fed in `chunk`-byte pieces: the output
+    /// every other path must match.
+    pub fn rewrite(&self, id: &VisitorId, chunk: usize) -> (Vec<u8>, Arc<RewriteStats>) {
+        rewrite_chunks(
+            Arc::clone(&self.decorator),
+            id.clone(),
+            self.page.clone(),
+            &self.bytes,
+            &[chunk],
+        )
+    }
+
+    /// One response's splicer for `id`: it records the page into `store`, or replays the
+    /// recording there.
+    pub fn splicer(&self, id: &VisitorId, store: &Arc<Recordings>) -> Splicer {
+        let key = Key::new(self.page.url.as_str(), "text/html", true);
+        Splicer::new(
+            Arc::clone(&self.decorator),
+            Some(id.clone()),
+            self.page.clone(),
+            Some((Arc::clone(store), key)),
+        )
+    }
+
     /// The partner patterns, comma-separated, for a line that says what was decorated.
     pub fn partners(&self) -> String {
         (0..self.decorator.partners.len())
