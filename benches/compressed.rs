@@ -23,8 +23,8 @@
 //! After the run it prints, per page and coding, from criterion's estimates of this run: each
 //! contender's MiB/s of HTML, spliced / pipeline throughput against the target
 //! (>= 10x), and the size of the spliced response against the whole decorated page compressed
-//! once at the same level (gzip at `pack::PACK_LEVEL`; brotli at quality 5, see
-//! `BROTLI_REFERENCE_QUALITY`), with whether it is within 5%.
+//! once with the settings of a recording's packed pieces (gzip at `pack::PACK_LEVEL`, brotli at
+//! `pack::PACK_BROTLI_QUALITY` and `PACK_BROTLI_WINDOW`), with whether it is within 5%.
 //!
 //! Full run:        cargo bench --bench compressed
 //! Quick (for CI):  cargo bench --bench compressed -- --quick
@@ -50,7 +50,7 @@ use criterion::{Criterion, Throughput};
 use kmi_proxy::coding::{Coding, Decoder, Encoder};
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::metrics::Metrics;
-use kmi_proxy::pack::PACK_LEVEL;
+use kmi_proxy::pack::{PACK_BROTLI_QUALITY, PACK_BROTLI_WINDOW, PACK_LEVEL};
 use kmi_proxy::rewrite::PageRewriter;
 use kmi_proxy::splice::{Path, Recordings, SpliceReport, Splicer, WireStep};
 
@@ -68,11 +68,6 @@ const ID: &str = "Zk9+aB/c3Q==";
 const FIRST: &str = "someone-else";
 
 const CODINGS: [Coding; 2] = [Coding::Gzip, Coding::Brotli];
-
-/// The brotli quality the whole decorated page is compressed at for the size comparison. It
-/// should be the quality of a recording's brotli pieces, but the crate has no public constant
-/// for it yet: once `pack` has one, use it here as gzip uses `PACK_LEVEL`.
-const BROTLI_REFERENCE_QUALITY: u32 = 5;
 
 const CONTENDERS: [&str; 4] = ["pipeline", "spliced", "spliced_wire", "spliced_decoding"];
 
@@ -341,8 +336,8 @@ fn prepare<'a>(s: &'a Subject, coding: Coding, id: &VisitorId) -> (Case<'a>, Siz
             format!("gzip level {PACK_LEVEL}"),
         ),
         _ => (
-            codings::brotli(&case.expected, BROTLI_REFERENCE_QUALITY),
-            format!("brotli quality {BROTLI_REFERENCE_QUALITY}"),
+            codings::brotli(&case.expected, PACK_BROTLI_QUALITY, PACK_BROTLI_WINDOW),
+            format!("brotli quality {PACK_BROTLI_QUALITY}, window 2^{PACK_BROTLI_WINDOW}"),
         ),
     };
     let sizes = Sizes {

@@ -8,11 +8,11 @@ use std::io::{Read, Write};
 use kmi_proxy::coding::Coding;
 
 /// `page` compressed once, as an origin with pre-compressed assets serves it: gzip at level 6,
-/// brotli at quality 9.
+/// brotli at quality 9 with brotli's default window (4 MiB).
 pub fn origin(coding: Coding, page: &[u8]) -> Vec<u8> {
     match coding {
         Coding::Gzip => gzip(page, 6),
-        Coding::Brotli => brotli(page, 9),
+        Coding::Brotli => brotli(page, 9, 22),
         other => unreachable!("no origin body in {other:?}"),
     }
 }
@@ -24,10 +24,10 @@ pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
     e.finish().expect("writing to memory")
 }
 
-/// One brotli stream of `data` at `quality`, with brotli's default window (4 MiB).
-pub fn brotli(data: &[u8], quality: u32) -> Vec<u8> {
+/// One brotli stream of `data` at `quality` with a window of 2^`window` bytes.
+pub fn brotli(data: &[u8], quality: u32, window: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut e = brotli::CompressorWriter::new(&mut out, 4096, quality, 22);
+    let mut e = brotli::CompressorWriter::new(&mut out, 4096, quality, window);
     e.write_all(data).expect("writing to memory");
     drop(e);
     out
