@@ -23,22 +23,23 @@
 //! the rewriter decorated in it is printed, so a reader sees that real work was done.
 
 mod common;
+#[path = "common/estimates.rs"]
+mod estimates;
+#[path = "common/pages.rs"]
+mod pages;
 
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use kmi_proxy::config::DEFAULT_MEMORY_LIMIT;
-use kmi_proxy::decorate::{Decorator, Existing};
 use kmi_proxy::identity::VisitorId;
 use kmi_proxy::metrics::Metrics;
-use kmi_proxy::partner::{DomainPattern, PartnerSet};
-use kmi_proxy::rewrite::{rewrite_chunks, selectors, Charset, Page};
-use kmi_proxy::splice::{Key, Recordings, Splicer};
-use url::Url;
+use kmi_proxy::rewrite::selectors;
+use kmi_proxy::splice::Recordings;
 
-use common::{corpus_dir, most_linked_host};
+use estimates::Estimates;
+use pages::{subjects, Subject};
 
 /// The proxy sees the origin's body in frames of about this size.
 const CHUNK: usize = 16 * 1024;
@@ -46,131 +47,16 @@ const CHUNK: usize = 16 * 1024;
 /// A decoded `km_ai` value of the usual shape (base64, so it needs encoding in a URL).
 const ID: &str = "Zk9+aB/c3Q==";
 
-/// How a known page is rewritten: the URL it was served from and the partner domains.
-struct Known {
-    file: &'static str,
-    url: &'static str,
-    partners: &'static [&'static str],
-}
-
-const KNOWN: &[Known] = &[
-    Known {
-        file: "cloudflare.com.html",
-        url: "https://www.cloudflare.com/",
-        partners: &[
-            "dash.cloudflare.com",
-            "support.cloudflare.com",
-            "community.cloudflare.com",
-        ],
-    },
-    Known {
-        // 270 of its links point at the spec's other parts on tc39.github.io.
-        file: "ecma402-spec.html",
-        url: "https://tc39.es/ecma402/",
-        partners: &["tc39.github.io"],
-    },
-    Known {
-        // Unquoted hrefs; links to the Infra, DOM and Encoding standards are cross-site.
-        file: "html-parsing-spec.html",
-        url: "https://html.spec.whatwg.org/multipage/parsing.html",
-        partners: &[
-            "infra.spec.whatwg.org",
-            "dom.spec.whatwg.org",
-            "encoding.spec.whatwg.org",
-        ],
-    },
-];
-
-/// One page ready to be measured.
-struct Subject {
-    name: String,
-    bytes: Vec<u8>,
-    decorator: Arc<Decorator>,
-    page: Page,
-}
-
-fn subjects() -> Vec<Subject> {
-    let dir = corpus_dir();
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
-        panic!(
-            "the benchmark corpus {} cannot be read ({e}); set KMI_CORPUS to a directory of .html pages",
-            dir.display()
-        )
-    });
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "html"))
-        .collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "the benchmark corpus {} has no .html pages; set KMI_CORPUS to a directory that has some",
-        dir.display()
-    );
-    files.iter().map(|path| subject(path)).collect()
-}
-
-fn subject(path: &Path) -> Subject {
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let (url, partners): (String, Vec<String>) = match KNOWN.iter().find(|k| k.file == name) {
-        Some(k) => (
-            k.url.to_owned(),
-            k.partners.iter().map(|p| p.to_string()).collect(),
-        ),
-        None => (
-            "https://localhost/".to_owned(),
-            most_linked_host(&bytes).into_iter().collect(),
-        ),
-    };
-    let mut set = PartnerSet::default();
-    set.push(
-        "bench".into(),
-        partners
-            .iter()
-            .map(|p| DomainPattern::parse(p).expect("a valid partner pattern"))
-            .collect(),
-    );
-    Subject {
-        name,
-        bytes,
-        decorator: Arc::new(Decorator {
-            partners: set,
-            param: "kmi".into(),
-            existing: Existing::Keep,
-            ..Decorator::default()
-        }),
-        page: Page {
-            url: Url::parse(&url).unwrap(),
-            charset: Charset::Sniffed,
-            script: None,
-            memory_limit: DEFAULT_MEMORY_LIMIT,
-        },
-    }
-}
-
 /// The contender: the proxy's own rewriter, as it runs for one page.
 fn rewrite(s: &Subject, id: &VisitorId) -> (Vec<u8>, usize) {
-    let (out, stats) = rewrite_chunks(
-        Arc::clone(&s.decorator),
-        id.clone(),
-        s.page.clone(),
-        &s.bytes,
-        &[CHUNK],
-    );
+    let (out, stats) = s.rewrite(id, CHUNK);
     (out, stats.links_decorated())
 }
 
 /// The spliced path: a recording of this page already in `store`, the page fed in the proxy's
 /// chunks.
 fn spliced(s: &Subject, id: &VisitorId, store: &Arc<Recordings>) -> Vec<u8> {
-    let key = Key::new(s.page.url.as_str(), "text/html", true);
-    let mut splicer = Splicer::new(
-        Arc::clone(&s.decorator),
-        Some(id.clone()),
-        s.page.clone(),
-        Some((Arc::clone(store), key)),
-    );
+    let mut splicer = s.splicer(id, store);
     let mut out = Vec::with_capacity(s.bytes.len() + s.bytes.len() / 8);
     for chunk in s.bytes.chunks(CHUNK) {
         out.extend_from_slice(&splicer.write(chunk));
@@ -226,11 +112,7 @@ fn bench_rewrite(c: &mut Criterion) {
             s.name,
             s.bytes.len(),
             decorated,
-            (0..s.decorator.partners.len())
-                .flat_map(|i| s.decorator.partners.patterns(i))
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            s.partners(),
             out.len()
         );
         if s.name == "cloudflare.com.html" {
@@ -279,25 +161,16 @@ fn bench_rewrite(c: &mut Criterion) {
     }
 }
 
-/// Mean time per iteration in nanoseconds, from the estimates criterion just wrote.
-fn mean_ns(group: &str, function: &str) -> Option<f64> {
-    let home = std::env::var_os("CRITERION_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion"));
-    let path = home.join(group).join(function).join("new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
-}
-
 /// Per page: MiB/s of each contender and the rewriter's share of each baseline.
-fn print_ratios() {
+fn print_ratios(estimates: &Estimates) {
     println!("\n== rewriter throughput as a fraction of lol_html's (means of this run) ==");
     for s in subjects() {
         let mibs: Vec<Option<f64>> = CONTENDERS
             .iter()
             .map(|f| {
-                mean_ns(&s.name, f).map(|ns| s.bytes.len() as f64 / (ns / 1e9) / (1 << 20) as f64)
+                estimates
+                    .mean_ns(&s.name, f)
+                    .map(|ns| s.bytes.len() as f64 / (ns / 1e9) / (1 << 20) as f64)
             })
             .collect();
         let show = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.0} MiB/s"));
@@ -322,10 +195,11 @@ fn print_ratios() {
 criterion_group!(benches, bench_rewrite);
 
 fn main() {
+    let estimates = Estimates::from_now();
     benches();
     Criterion::default().configure_from_args().final_summary();
     // `cargo test --benches` runs this binary without measuring: nothing to report then.
     if !std::env::args().any(|a| a == "--test" || a == "--list") {
-        print_ratios();
+        print_ratios(&estimates);
     }
 }

@@ -23,12 +23,13 @@
 //! Exits non-zero if any request fails or any page comes back other than expected. Under
 //! `cargo test --benches` (no `--bench` argument) it runs 64 requests per mode as a smoke test.
 
+#[path = "common/codings.rs"]
+mod codings;
 mod common;
 #[path = "../tests/support/pki.rs"]
 mod pki;
 
 use std::convert::Infallible;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -140,46 +141,19 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
 // Origin and proxy
 // ---------------------------------------------------------------------------------------------
 
-/// `data` compressed once, as an origin with pre-compressed assets serves it.
-fn compress(coding: Coding, data: &[u8]) -> Bytes {
-    let mut out = Vec::new();
-    match coding {
-        Coding::Gzip => {
-            let mut e = flate2::write::GzEncoder::new(&mut out, flate2::Compression::new(6));
-            std::io::Write::write_all(&mut e, data).unwrap();
-            e.finish().unwrap();
-        }
-        Coding::Brotli => {
-            let mut e = brotli::CompressorWriter::new(&mut out, 4096, 9, 22);
-            std::io::Write::write_all(&mut e, data).unwrap();
-            drop(e);
-        }
-        other => unreachable!("not served: {other:?}"),
-    }
-    out.into()
-}
-
 fn decompress(coding: Option<Coding>, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(data.len() * 6);
     match coding {
-        None => out.extend_from_slice(data),
-        Some(Coding::Gzip) => {
-            flate2::read::GzDecoder::new(data).read_to_end(&mut out)?;
-        }
-        Some(Coding::Brotli) => {
-            brotli::Decompressor::new(data, 4096).read_to_end(&mut out)?;
-        }
-        Some(other) => unreachable!("not requested: {other:?}"),
+        None => Ok(data.to_vec()),
+        Some(c) => codings::decompress(c, data),
     }
-    Ok(out)
 }
 
 /// An HTTP/1.1 origin serving the page at `/`, gzip-compressed at `/gzip` and br at `/br`.
 async fn start_origin(page: Bytes) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let gzip = compress(Coding::Gzip, &page);
-    let br = compress(Coding::Brotli, &page);
+    let gzip = Bytes::from(codings::origin(Coding::Gzip, &page));
+    let br = Bytes::from(codings::origin(Coding::Brotli, &page));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
@@ -607,7 +581,7 @@ fn rewrite_only(
 ) -> Result<f64, String> {
     let input = match coding {
         None => site.page.clone(),
-        Some(c) => compress(c, &site.page),
+        Some(c) => codings::origin(c, &site.page).into(),
     };
     let once = pipeline(config, site, coding, &input);
     let decoded = decompress(coding, &once).map_err(|e| format!("decoding: {e}"))?;

@@ -1,6 +1,9 @@
 //! What the benchmarks and the browser oracle share about the page corpus. Included by the
-//! benches `rewrite.rs` and `transport.rs` with `mod common;` (a directory, so cargo does not take
-//! it for a benchmark of its own), and by `tests/browser.rs` through a `#[path]`.
+//! benches with `mod common;` (a directory, so cargo does not take it for a benchmark of its
+//! own), and by `tests/browser.rs` and `tests/splice.rs` through a `#[path]`. The files beside
+//! it are included only by the benches that use them: `pages.rs` (the corpus pages with their
+//! partners), `estimates.rs` (criterion's figures read back), `process.rs` (the binary as a
+//! child process).
 
 use std::path::{Path, PathBuf};
 
