@@ -22,7 +22,7 @@
 //! holds the page URL, the response's Content-Type and whether there is an ID at all.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,21 @@ pub struct Recording {
     /// The origin's compressed body, when the page came compressed: a later response in the
     /// same coding is compared with it as it arrives, with no decoding at all.
     wire: Option<Wire>,
+    /// The origin's body in another coding than `wire`'s, learnt from a replay in that coding
+    /// that was verified decoded to the page's end: later ones are compared compressed too.
+    learnt: [OnceLock<Wire>; 4],
+    /// A replay is learning the body in this coding; no other needs to.
+    learning: [AtomicBool; 4],
+}
+
+/// The index of a coding among a recording's compressed bodies.
+fn coding_index(coding: Coding) -> usize {
+    match coding {
+        Coding::Gzip => 0,
+        Coding::Deflate => 1,
+        Coding::Brotli => 2,
+        Coding::Zstd => 3,
+    }
 }
 
 /// How many packed variants (coding and ID lengths) a recording keeps before it falls back to
@@ -209,6 +224,14 @@ struct WireRecorder {
 }
 
 impl Recording {
+    /// The origin's compressed body in `coding`, if one is known.
+    fn wire_in(&self, coding: Coding) -> Option<&Wire> {
+        self.wire
+            .as_ref()
+            .filter(|w| w.coding == coding)
+            .or_else(|| self.learnt[coding_index(coding)].get())
+    }
+
     /// Memory held, for the store's budget.
     fn weight(&self) -> usize {
         self.input.len()
@@ -219,8 +242,10 @@ impl Recording {
             + self.packs.weight()
             + self
                 .wire
-                .as_ref()
-                .map_or(0, |w| w.bytes.len() + w.marks.len() * 16)
+                .iter()
+                .chain(self.learnt.iter().filter_map(OnceLock::get))
+                .map(|w| w.bytes.len() + w.marks.len() * 16)
+                .sum::<usize>()
             + 256
     }
 
@@ -414,6 +439,8 @@ impl Recorder {
             misses: AtomicU32::new(self.misses),
             packs: Packs::default(),
             wire,
+            learnt: Default::default(),
+            learning: Default::default(),
         })
     }
 }
@@ -564,18 +591,13 @@ enum Entry {
     Page(Arc<Recording>, usize),
     /// Diverged too often: parse without recording until then.
     Unstable(Instant),
+    /// A compressed page diverged after this many recordings in a row: the next request
+    /// records it again from its first byte.
+    Retry { misses: u32 },
     /// One request is recording this page (`token` names it): the others parse without
     /// recording meanwhile, so a burst of first visitors holds one copy of the page, not one
     /// each. Expires, in case the recording request never finishes.
-    /// A compressed page diverged after this many recordings in a row: the next request
-    /// records it again from its first byte.
-    Retry {
-        misses: u32,
-    },
-    Recording {
-        until: Instant,
-        token: u64,
-    },
+    Recording { until: Instant, token: u64 },
 }
 
 impl Entry {
@@ -752,11 +774,66 @@ struct Live {
     recorder: Option<Recorder>,
 }
 
+/// A replay recording the origin's compressed body in a coding its recording lacks.
+struct Learning {
+    recording: Arc<Recording>,
+    index: usize,
+    wire: WireRecorder,
+}
+
+impl Learning {
+    /// Claims the learning of `coding` for `recording`, unless it is known or being learnt.
+    fn claim(recording: &Arc<Recording>, coding: Coding) -> Option<Learning> {
+        let index = coding_index(coding);
+        if recording.learnt[index].get().is_some() {
+            return None;
+        }
+        recording.learning[index]
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        Some(Learning {
+            recording: Arc::clone(recording),
+            index,
+            wire: WireRecorder {
+                coding,
+                bytes: BytesMut::new(),
+                marks: Vec::new(),
+            },
+        })
+    }
+
+    /// The page was verified to its end: keep the body if its marks cover it all. True when
+    /// the recording changed (the store must weigh it again).
+    fn finish(mut self) -> bool {
+        let wire = &mut self.wire;
+        let whole = (wire.bytes.len(), self.recording.input.len());
+        if wire.marks.last() != Some(&whole) {
+            return false;
+        }
+        self.recording.learnt[self.index]
+            .set(Wire {
+                coding: wire.coding,
+                bytes: Bytes::copy_from_slice(&wire.bytes),
+                marks: std::mem::take(&mut wire.marks),
+            })
+            .is_ok()
+    }
+}
+
+impl Drop for Learning {
+    fn drop(&mut self) {
+        self.recording.learning[self.index].store(false, Ordering::Release);
+    }
+}
+
 struct Replay {
     recording: Arc<Recording>,
     /// Compressed bytes compared equal with the recording's so far, while the live body is
     /// compared compressed (see [`Splicer::compressed`]).
     wire: Option<usize>,
+    /// The compressed body being recorded while it is verified decoded, for a coding the
+    /// recording has no body in yet (the claim is given back when this is dropped).
+    learning: Option<Learning>,
     /// Input bytes compared equal so far.
     verified: usize,
     /// Output (in the recording's coordinates) sent so far.
@@ -805,6 +882,7 @@ impl Splicer {
                 Mode::Replay(Replay {
                     recording,
                     wire: None,
+                    learning: None,
                     verified: 0,
                     sent: 0,
                 })
@@ -910,6 +988,7 @@ impl Splicer {
                 let out = self.send_packed(recording.output.len(), encoder);
                 recording.misses.store(0, Ordering::Relaxed);
                 self.stats.add(&recording.links);
+                self.end_learning();
                 self.mode = Mode::Done;
                 return Ok(join(out, encoder.finish()?));
             }
@@ -935,9 +1014,11 @@ impl Splicer {
                 false
             }
             Mode::Replay(replay) => {
-                let same = matches!(&replay.recording.wire, Some(w) if w.coding == coding);
+                let same = replay.recording.wire_in(coding).is_some();
                 if same {
                     replay.wire = Some(0);
+                } else {
+                    replay.learning = Learning::claim(&replay.recording, coding);
                 }
                 let how = if same { 1 } else { 2 };
                 self.report.verified.store(how, Ordering::Relaxed);
@@ -949,6 +1030,16 @@ impl Splicer {
 
     /// Compressed bytes the body took from the origin, for a recording of them.
     pub fn wire_taken(&mut self, compressed: &[u8]) {
+        if let Mode::Replay(replay) = &mut self.mode {
+            if let Some(l) = &mut replay.learning {
+                // No larger than the page it decodes to: anything else is not worth keeping.
+                if l.wire.bytes.len() + compressed.len() <= replay.recording.input.len() {
+                    l.wire.bytes.extend_from_slice(compressed);
+                } else {
+                    replay.learning = None;
+                }
+            }
+        }
         if let Mode::Live(live) = &mut self.mode {
             if let Some(r) = &mut live.recorder {
                 if r.wire.is_some() && r.fits(compressed.len()) {
@@ -962,6 +1053,15 @@ impl Splicer {
 
     /// The decoder has used `compressed` bytes and given `decoded` bytes of page so far.
     pub fn wire_mark(&mut self, compressed: u64, decoded: u64) {
+        if let Mode::Replay(Replay {
+            learning: Some(l), ..
+        }) = &mut self.mode
+        {
+            let mark = (compressed as usize, decoded as usize);
+            if l.wire.marks.last() != Some(&mark) {
+                l.wire.marks.push(mark);
+            }
+        }
         if let Mode::Live(live) = &mut self.mode {
             if let Some(w) = live.recorder.as_mut().and_then(|r| r.wire.as_mut()) {
                 let mark = (compressed as usize, decoded as usize);
@@ -980,7 +1080,8 @@ impl Splicer {
                 "compressed replay without a recording",
             ));
         };
-        let (Some(at), Some(wire)) = (replay.wire, replay.recording.wire.as_ref()) else {
+        let coding = self.coding.unwrap_or(Coding::Gzip);
+        let (Some(at), Some(wire)) = (replay.wire, replay.recording.wire_in(coding)) else {
             return Err(std::io::Error::other(
                 "compressed replay without a recording",
             ));
@@ -1005,8 +1106,9 @@ impl Splicer {
                 "compressed replay without a recording",
             ));
         };
+        let coding = self.coding.unwrap_or(Coding::Gzip);
         let whole = matches!(
-            (replay.wire, &replay.recording.wire),
+            (replay.wire, replay.recording.wire_in(coding)),
             (Some(at), Some(w)) if at == w.bytes.len()
         );
         if whole && replay.verified == replay.recording.input.len() {
@@ -1022,10 +1124,10 @@ impl Splicer {
         };
         let at = replay.wire.take().unwrap_or(0);
         self.report.verified.store(2, Ordering::Relaxed);
+        let coding = self.coding.unwrap_or(Coding::Gzip);
         let redo = replay
             .recording
-            .wire
-            .as_ref()
+            .wire_in(coding)
             .map_or_else(Bytes::new, |w| w.bytes.slice(..at));
         WireStep::Decode {
             out,
@@ -1102,6 +1204,7 @@ impl Splicer {
                     let out = self.send_recorded(recording.output.len());
                     recording.misses.store(0, Ordering::Relaxed);
                     self.stats.add(&recording.links);
+                    self.end_learning();
                     self.mode = Mode::Done;
                     return out;
                 }
@@ -1115,6 +1218,22 @@ impl Splicer {
         };
         self.mode = Mode::Done;
         out
+    }
+
+    /// A replay verified to the page's end keeps the compressed body it learnt, if any.
+    fn end_learning(&mut self) {
+        let Mode::Replay(replay) = &mut self.mode else {
+            return;
+        };
+        let Some(learning) = replay.learning.take() else {
+            return;
+        };
+        let recording = Arc::clone(&replay.recording);
+        if learning.finish() {
+            if let Some((store, key)) = &self.store {
+                store.reweigh(key, &recording);
+            }
+        }
     }
 
     /// Sends the recording's output up to `to`.

@@ -848,6 +848,65 @@ async fn an_uncompressed_page_answered_from_a_recording_goes_out_in_the_clients_
     }
 }
 
+/// An origin that compresses as each client asks (gzip for some, brotli for others), the same
+/// bytes for the same page and coding: the recording learns the body in the second coding from
+/// the first replay that verifies it decoded, and from then on both codings are compared
+/// compressed, with no decoding.
+#[tokio::test]
+async fn a_page_served_in_two_codings_is_compared_compressed_in_both() {
+    let page = SYNTHETIC.repeat(20);
+    let (gz, br) = (
+        Bytes::from(gzip(page.as_bytes())),
+        Bytes::from(brotli(page.as_bytes())),
+    );
+    let origin = origin()
+        .route("/both", move |req| {
+            if req.header("accept-encoding").unwrap_or("").contains("br") {
+                Reply::html(br.clone()).header("content-encoding", "br")
+            } else {
+                Reply::html(gz.clone()).header("content-encoding", "gzip")
+            }
+        })
+        .start()
+        .await;
+    let proxy = proxy(ADMIN, origin.addr).await;
+    let decorator = Arc::clone(&config("", origin.addr).decorator);
+    let codings = ["gzip", "gzip", "br", "br", "br", "gzip", "br"];
+    for (i, coding) in codings.iter().enumerate() {
+        let id = format!("visitor{i}");
+        let rsp = get(proxy.addr, "/both")
+            .header("accept", "text/html")
+            .header("accept-encoding", coding)
+            .cookie(&format!("km_ai={id}"))
+            .send()
+            .await;
+        assert_eq!(header(&rsp, "content-encoding"), Some(*coding));
+        let body = decoded(coding, &body_of(rsp).await);
+        let id = VisitorId::from_cookie_value(&id).unwrap();
+        let want = uncached(
+            &decorator,
+            Some(&id),
+            "text/html; charset=utf-8",
+            page.as_bytes(),
+        );
+        assert!(
+            body == want,
+            "request {i} ({coding}) differs from the uncached rewrite"
+        );
+    }
+    let m = metrics_of(&proxy).await;
+    // The first request records (gzip); the first brotli one is verified decoded and teaches
+    // the recording the brotli body; the other five are compared compressed.
+    let verified = |how: &str| {
+        metric(
+            &m,
+            &format!(r#"kmi_proxy_pages_verified_total{{reason="{how}"}}"#),
+        )
+    };
+    assert_eq!(verified("decoded"), Some(1.0), "{m}");
+    assert_eq!(verified("compressed"), Some(5.0), "{m}");
+}
+
 /// How an origin compresses one response in the compressed differential test.
 #[derive(Debug, Clone, Copy)]
 enum Origin {
