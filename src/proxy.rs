@@ -645,6 +645,11 @@ impl Proxy {
             // on Global Privacy Control when it is honoured) even when this one was not.
             vary_on_identity(headers, config);
         }
+        if let Decision::Rewrite(_, None) = decision {
+            // An uncompressed page may go out compressed when a recording answers it: caches
+            // must key on Accept-Encoding, for this response and its HEAD alike.
+            headers::vary_on(headers, "Accept-Encoding");
+        }
         if let Decision::Rewrite(..) = decision {
             // Only inline partners put the ID into the page; redirect-mode links are the same
             // for everyone, so such a page keeps its cache headers, but not a strong ETag: its
@@ -743,13 +748,9 @@ impl Proxy {
                 log.stats = Some(rewriter.stats());
                 log.splice = Some(rewriter.report());
                 // An uncompressed page answered from a recording goes out in the client's
-                // coding: the recording's packed pieces make it free. The page's other
-                // responses may be uncompressed, so caches must key on Accept-Encoding.
+                // coding: the recording's packed pieces make it free (`Vary` says so already).
                 let encode = match coding {
-                    None => {
-                        headers::vary_on(&mut parts.headers, "Accept-Encoding");
-                        exchange.accepts.filter(|_| rewriter.replays())
-                    }
+                    None => exchange.accepts.filter(|_| rewriter.replays()),
                     Some(_) => None,
                 };
                 if let Some(c) = encode {

@@ -329,6 +329,42 @@ async fn a_page_that_waits_too_long_for_a_rewrite_goes_out_unmodified() {
 }
 
 #[tokio::test]
+async fn a_page_compressed_by_the_proxy_that_waits_too_long_still_goes_out_whole() {
+    // An uncompressed page answered from its recording is sent compressed in the client's
+    // coding; when it cannot get a rewrite slot in time it goes out as the origin sent it,
+    // and since its head already said gzip, the origin's bytes are compressed too.
+    let (_feed, body) = channel();
+    let mut body = Some(body);
+    let origin = origin()
+        .route("/stuck", move |_| {
+            Reply::ok()
+                .header("content-type", "text/html; charset=utf-8")
+                .stream(body.take().expect("requested once"))
+        })
+        .route("/", |_| Reply::html(PAGE))
+        .start()
+        .await;
+    let proxy = proxy("[limits]\nmax_rewrites = 1\n", origin.addr).await;
+    let first = navigate(proxy.addr, "/").cookie("km_ai=abc").send().await;
+    assert_eq!(text_of(first).await, decorated("abc"), "recorded");
+    let _stuck = navigate(proxy.addr, "/stuck")
+        .cookie("km_ai=abc")
+        .send()
+        .await;
+    let rsp = navigate(proxy.addr, "/")
+        .header("accept-encoding", "gzip")
+        .cookie("km_ai=abc")
+        .send()
+        .await;
+    assert_eq!(header(&rsp, "content-encoding"), Some("gzip"));
+    let raw = body_of(rsp).await;
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&raw[..]), &mut page)
+        .expect("a whole gzip stream");
+    assert_eq!(page, PAGE, "not decorated, but whole");
+}
+
+#[tokio::test]
 async fn decorated_pages_are_not_storable_by_any_shared_cache() {
     let origin = origin()
         .route("/", |_| {

@@ -1393,7 +1393,12 @@ async fn refresh_header_to_a_partner_carries_the_id() {
         "{}",
         rsp.head
     );
-    assert_eq!(rsp.header("vary"), Some("Cookie, Sec-GPC"), "{}", rsp.head);
+    assert_eq!(
+        rsp.header("vary"),
+        Some("Cookie, Sec-GPC, Accept-Encoding"),
+        "{}",
+        rsp.head
+    );
     assert_eq!(
         String::from_utf8(rsp.dechunked()).unwrap(),
         decorated("abc")
