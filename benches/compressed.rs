@@ -156,10 +156,14 @@ fn pipeline(case: &Case<'_>, id: &VisitorId) -> Vec<u8> {
 enum Input {
     /// The page itself, in 16 KiB chunks: the contender `spliced`.
     Page,
-    /// The origin's compressed body decoded as `body.rs` decodes it, the frames and the
-    /// decoder's progress given to the splicer too (what a recording keeps of a compressed
-    /// body): the contender `spliced_decoding`.
+    /// The origin's compressed body decoded as `body.rs` decodes it, the decoder's progress
+    /// given to the splicer too: the contender `spliced_decoding`. Its frames are not given
+    /// (`wire_taken`), so neither the recording nor a replay ever keeps the compressed body, and
+    /// every response is verified decoded, as for an origin whose compressed bytes change.
     Origin,
+    /// As `Origin`, with the frames given: a recording made from it keeps the compressed body
+    /// (the recording `spliced_wire` compares with).
+    Frames,
 }
 
 /// A response from `store` verified on the decoded page, through `write_encoded` /
@@ -187,15 +191,21 @@ fn decoded(case: &Case<'_>, id: &VisitorId, store: &Arc<Recordings>, input: Inpu
                 write(&mut splicer, chunk);
             }
         }
-        Input::Origin => decode_origin(case.coding, &case.origin, |seen| match seen {
-            Seen::Frame(frame) => splicer.wire_taken(frame),
-            Seen::Slice(plain, used, given) => {
-                splicer.wire_mark(used, given);
-                if !plain.is_empty() {
-                    write(&mut splicer, &plain);
+        Input::Origin | Input::Frames => {
+            decode_origin(case.coding, &case.origin, |seen| match seen {
+                Seen::Frame(frame) => {
+                    if matches!(input, Input::Frames) {
+                        splicer.wire_taken(frame);
+                    }
                 }
-            }
-        }),
+                Seen::Slice(plain, used, given) => {
+                    splicer.wire_mark(used, given);
+                    if !plain.is_empty() {
+                        write(&mut splicer, &plain);
+                    }
+                }
+            })
+        }
     }
     body.extend_from_slice(&splicer.end_encoded(&mut encoder).expect("encoding"));
     Response {
@@ -309,7 +319,7 @@ fn prepare<'a>(s: &'a Subject, coding: Coding, id: &VisitorId) -> (Case<'a>, Siz
         ),
         (
             &case.wire,
-            decoded(&case, &first, &case.wire, Input::Origin),
+            decoded(&case, &first, &case.wire, Input::Frames),
         ),
     ] {
         assert!(
