@@ -37,6 +37,8 @@
 #   ROUNDS=5 LOAD_SECONDS=10 benches/load.sh         # the README's figures
 #   ROUNDS=2 LOAD_SECONDS=5 BINARY_ROUNDS=2 benches/load.sh   # CI: ~5 min
 #   SCENARIOS="gzip br" benches/load.sh              # the compressed scenario alone
+#   KMI_FETCH_UNCOMPRESSED=1 SCENARIOS="gzip br" benches/load.sh
+#                            # the same, kmi-proxy with rewrite.fetch_recorded_uncompressed = true
 #
 # Loopback only, bounded in time; everything it starts lives in a temporary directory and is
 # stopped on exit by its saved PID (nginx by `nginx -s stop` with its own pid file).
@@ -496,8 +498,13 @@ if want plain; then
 fi
 # The compressed scenario: one kmi-proxy per coding in front of the compressing origin, so that
 # each round meets a recording of its own coding and its /metrics count that round alone.
+# KMI_FETCH_UNCOMPRESSED=1: with `rewrite.fetch_recorded_uncompressed`, recorded pages are
+# asked for uncompressed, so the origin does not compress them for kmi-proxy.
+fetch_uncompressed=()
+[ "${KMI_FETCH_UNCOMPRESSED:-0}" = 1 ] && fetch_uncompressed=("[rewrite]" "fetch_recorded_uncompressed = true")
 for z in "${CODINGS[@]}"; do
-    write_kmi_config "$WORK/kmi-$z.toml" "${KMI_PORT[$z]}" "${KMI_ADMIN[$z]}" "$ZORIGIN_PORT"
+    write_kmi_config "$WORK/kmi-$z.toml" "${KMI_PORT[$z]}" "${KMI_ADMIN[$z]}" "$ZORIGIN_PORT" \
+        "${fetch_uncompressed[@]}"
     start_kmi "kmi-proxy ($z round)" "$WORK/kmi-$z.toml" "$WORK/${KMI_LOG[$z]}" "${KMI_ADMIN[$z]}"
 done
 

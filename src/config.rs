@@ -90,6 +90,7 @@ struct RawScript {
 struct RawRewrite {
     memory_limit: Option<i64>,
     cache_bytes: Option<i64>,
+    fetch_recorded_uncompressed: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +199,10 @@ pub struct Config {
     pub memory_limit: usize,
     /// Bytes of recorded rewrites kept for splicing; 0 turns splicing off.
     pub cache_bytes: usize,
+    /// Ask the origin for a recorded page uncompressed (`Accept-Encoding: identity`) and
+    /// compress it for the client from the recording: the origin saves compressing every
+    /// response, the link to it carries the page uncompressed.
+    pub fetch_recorded_uncompressed: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
     /// How long in-flight requests may run after SIGTERM before connections are dropped.
@@ -721,6 +726,7 @@ impl Validator {
             decorator,
             memory_limit,
             cache_bytes,
+            fetch_recorded_uncompressed: raw.rewrite.fetch_recorded_uncompressed.unwrap_or(false),
             timeouts,
             limits,
             shutdown_timeout,
@@ -998,6 +1004,12 @@ impl fmt::Display for Config {
         };
         writeln!(f, "existing = \"{existing}\"")?;
         writeln!(f, "\n[rewrite]\nmemory_limit = {}", self.memory_limit)?;
+        writeln!(f, "cache_bytes = {}", self.cache_bytes)?;
+        writeln!(
+            f,
+            "fetch_recorded_uncompressed = {}",
+            self.fetch_recorded_uncompressed
+        )?;
         writeln!(f, "\n[consent]")?;
         if let Some(c) = &self.consent.cookie {
             writeln!(f, "cookie = {c:?}")?;
@@ -1306,6 +1318,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fetching_recorded_pages_uncompressed_is_off_unless_asked_for() {
+        let base = "upstream = \"http://127.0.0.1:1\"\n[[partner]]\nname = \"p\"\ndomains = [\"p.example\"]\n";
+        assert!(
+            !Config::parse(base, "t")
+                .unwrap()
+                .fetch_recorded_uncompressed
+        );
+        let on = format!("{base}[rewrite]\nfetch_recorded_uncompressed = true\n");
+        let c = Config::parse(&on, "t").unwrap();
+        assert!(c.fetch_recorded_uncompressed);
+        // `check` shows it, and what it shows means the same.
+        assert!(c.to_string().contains("fetch_recorded_uncompressed = true"));
+        assert!(
+            Config::parse(&c.to_string(), "t")
+                .unwrap()
+                .fetch_recorded_uncompressed
+        );
+        let bad = format!("{base}[rewrite]\nfetch_recorded_uncompressed = \"yes\"\n");
+        let e = Config::parse(&bad, "t").unwrap_err().to_string();
+        assert!(e.contains("fetch_recorded_uncompressed"), "{e}");
     }
 
     #[test]

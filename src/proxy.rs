@@ -186,6 +186,9 @@ struct Exchange {
     /// The packed coding this client prefers, from its `Accept-Encoding`: a page the origin
     /// sent uncompressed is sent in it when a recording answers it (no compression per visitor).
     accepts: Option<Coding>,
+    /// The origin was asked for this page uncompressed (`rewrite.fetch_recorded_uncompressed`):
+    /// the proxy compresses it in the client's coding whatever path it takes.
+    uncompressed: bool,
 }
 
 /// Which wait ran out.
@@ -290,10 +293,19 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let snapshot = self.current.load_full();
         let config = &snapshot.config;
-        let (req, exchange) = match self.request_filter(config, req, conn) {
+        let (req, mut exchange) = match self.request_filter(config, req, conn) {
             Ok(pair) => pair,
             Err(response) => return response,
         };
+        // A page recorded lately is asked for uncompressed where the configuration says so:
+        // the recording's packed pieces compress it for the client at no cost.
+        exchange.uncompressed = config.fetch_recorded_uncompressed
+            && exchange.decorated_page
+            && exchange.accepts.is_some()
+            && snapshot
+                .recordings
+                .as_ref()
+                .is_some_and(|r| r.has_page(exchange.page.as_str(), true));
         let upstream_req = Self::upstream_request(config, req, conn, &exchange);
         let (response, mut exchange) = match Self::send(&snapshot, upstream_req, exchange).await {
             Ok(pair) => pair,
@@ -405,6 +417,7 @@ impl Proxy {
                 whole_page,
                 page,
                 accepts,
+                uncompressed: false,
             },
         ))
     }
@@ -475,6 +488,9 @@ impl Proxy {
         if exchange.whole_page {
             h.remove(RANGE);
             h.remove(IF_RANGE);
+        }
+        if exchange.uncompressed {
+            h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         }
         Request::from_parts(parts, body)
     }
@@ -750,6 +766,9 @@ impl Proxy {
                 // An uncompressed page answered from a recording goes out in the client's
                 // coding: the recording's packed pieces make it free (`Vary` says so already).
                 let encode = match coding {
+                    // Asked for uncompressed: compressed here on every path, so that putting
+                    // the proxy in front changes nothing about what the client receives.
+                    None if exchange.uncompressed => exchange.accepts,
                     None => exchange.accepts.filter(|_| rewriter.replays()),
                     Some(_) => None,
                 };

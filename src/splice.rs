@@ -624,6 +624,11 @@ impl quick_cache::Weighter<Key, Entry> for Weight {
 /// evicts by weight); a page larger than a sixteenth of that is never recorded.
 pub struct Recordings {
     cache: quick_cache::sync::Cache<Key, Entry, Weight>,
+    /// Pages (URL, and whether with an ID) recorded at least once lately, by a keyed hash: a
+    /// hint at request time, before the response's Content-Type completes the key. A stale or
+    /// colliding hint costs one uncompressed fetch from the origin, nothing else.
+    recorded: quick_cache::sync::Cache<u64, ()>,
+    hasher: std::collections::hash_map::RandomState,
     page_limit: usize,
     metrics: Arc<Metrics>,
 }
@@ -635,6 +640,9 @@ enum Lookup {
     Record(u64, u32),
     Parse,
 }
+
+/// How many recently recorded pages [`Recordings::has_page`] remembers (16 bytes each).
+const RECORDED_HINTS: usize = 64 * 1024;
 
 /// How long a claim to record a page holds when its request never finishes.
 const RECORDING_FOR: Duration = Duration::from_secs(10);
@@ -653,9 +661,22 @@ impl Recordings {
                 bytes as u64,
                 Weight,
             ),
+            recorded: quick_cache::sync::Cache::new(RECORDED_HINTS),
+            hasher: std::collections::hash_map::RandomState::new(),
             page_limit: bytes / 16,
             metrics,
         }))
+    }
+
+    fn hint(&self, url: &str, with_id: bool) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((url, with_id))
+    }
+
+    /// Whether the page at `url` has been recorded lately (for some Content-Type): the origin
+    /// may then be asked for it uncompressed, since a replay compresses it for free.
+    pub fn has_page(&self, url: &str, with_id: bool) -> bool {
+        self.recorded.get(&self.hint(url, with_id)).is_some()
     }
 
     fn lookup(&self, key: &Key) -> Lookup {
@@ -1312,7 +1333,10 @@ impl Splicer {
             .recorder
             .and_then(|r| r.finish(live.substitute.sentinel, &self.stats))
         {
-            Some(recording) => store.insert(key.clone(), Entry::page(Arc::new(recording))),
+            Some(recording) => {
+                store.recorded.insert(store.hint(&key.url, key.with_id), ());
+                store.insert(key.clone(), Entry::page(Arc::new(recording)));
+            }
             None => store.release(key, token),
         }
     }

@@ -907,6 +907,78 @@ async fn a_page_served_in_two_codings_is_compared_compressed_in_both() {
     assert_eq!(verified("compressed"), Some(5.0), "{m}");
 }
 
+/// With `rewrite.fetch_recorded_uncompressed`, a page recorded lately is asked for with
+/// `Accept-Encoding: identity`, so the origin does not compress it, and the client still gets
+/// it compressed in its own coding, exact, whether the recording answers it or the page
+/// changed; without the setting the origin sees the client's own Accept-Encoding.
+#[tokio::test]
+async fn a_recorded_page_can_be_fetched_uncompressed_and_is_still_sent_compressed() {
+    for setting in [true, false] {
+        let page = Arc::new(std::sync::Mutex::new(SYNTHETIC.repeat(20)));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let (serve, asked) = (Arc::clone(&page), Arc::clone(&seen));
+        let origin = origin()
+            .route("/p", move |req| {
+                let accept = req.header("accept-encoding").unwrap_or("").to_owned();
+                asked.lock().unwrap().push(accept.clone());
+                let page = serve.lock().unwrap().clone();
+                if accept.contains("gzip") {
+                    Reply::html(gzip(page.as_bytes())).header("content-encoding", "gzip")
+                } else {
+                    Reply::html(page)
+                }
+            })
+            .start()
+            .await;
+        let extra = format!("{ADMIN}[rewrite]\nfetch_recorded_uncompressed = {setting}\n");
+        let proxy = proxy(&extra, origin.addr).await;
+        let decorator = Arc::clone(&config("", origin.addr).decorator);
+        for i in 0..8 {
+            if i >= 3 {
+                // The page changes with every request: replays diverge, then the page is only
+                // parsed (it keeps changing), and is still fetched uncompressed.
+                page.lock()
+                    .unwrap()
+                    .insert_str(300, &format!("<p>new {i}</p>"));
+            }
+            let id = format!("visitor{i}");
+            let rsp = get(proxy.addr, "/p")
+                .header("accept", "text/html")
+                .header("accept-encoding", "gzip")
+                .cookie(&format!("km_ai={id}"))
+                .send()
+                .await;
+            assert_eq!(
+                header(&rsp, "content-encoding"),
+                Some("gzip"),
+                "request {i}"
+            );
+            let body = decoded("gzip", &body_of(rsp).await);
+            let id = VisitorId::from_cookie_value(&id).unwrap();
+            let current = page.lock().unwrap().clone();
+            let want = uncached(
+                &decorator,
+                Some(&id),
+                "text/html; charset=utf-8",
+                current.as_bytes(),
+            );
+            assert!(
+                body == want,
+                "setting {setting}, request {i}: differs from the uncached rewrite"
+            );
+        }
+        let seen = seen.lock().unwrap().clone();
+        let identity = seen.iter().filter(|a| a.as_str() == "identity").count();
+        if setting {
+            // The first request recorded the page; every later one asked for it uncompressed.
+            assert_eq!(seen[0], "gzip", "{seen:?}");
+            assert_eq!(identity, 7, "{seen:?}");
+        } else {
+            assert_eq!(identity, 0, "{seen:?}");
+        }
+    }
+}
+
 /// How an origin compresses one response in the compressed differential test.
 #[derive(Debug, Clone, Copy)]
 enum Origin {
