@@ -299,7 +299,9 @@ impl Proxy {
         };
         // A page recorded lately is asked for uncompressed where the configuration says so:
         // the recording's packed pieces compress it for the client at no cost.
+        // (Not for HEAD, whose origin answer would then not say how the GET is compressed.)
         exchange.uncompressed = config.fetch_recorded_uncompressed
+            && exchange.method == Method::GET
             && exchange.decorated_page
             && exchange.accepts.is_some()
             && snapshot

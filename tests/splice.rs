@@ -967,7 +967,21 @@ async fn a_recorded_page_can_be_fetched_uncompressed_and_is_still_sent_compresse
                 "setting {setting}, request {i}: differs from the uncached rewrite"
             );
         }
+        // A HEAD asks the origin as the client asked: its answer must say how a GET would be
+        // compressed.
+        let head = request("HEAD", proxy.addr, "/p")
+            .header("accept", "text/html")
+            .header("accept-encoding", "gzip")
+            .cookie("km_ai=visitor-head")
+            .send()
+            .await;
+        assert_eq!(head.status(), 200);
         let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some("gzip"),
+            "HEAD: {seen:?}"
+        );
         let identity = seen.iter().filter(|a| a.as_str() == "identity").count();
         if setting {
             // The first request recorded the page; every later one asked for it uncompressed.
