@@ -302,7 +302,9 @@ impl Proxy {
         // (Not for HEAD, whose origin answer would then not say how the GET is compressed.)
         exchange.uncompressed = config.fetch_recorded_uncompressed
             && exchange.method == Method::GET
-            && exchange.decorated_page
+            && !exchange.excluded
+            && usable_id(&exchange.identity, exchange.consent).is_ok()
+            && config.decorator.partners.any_inline()
             && exchange.accepts.is_some()
             && snapshot
                 .recordings
