@@ -203,16 +203,22 @@ struct Wire {
     marks: Vec<(usize, usize)>,
 }
 
+/// In `pairs`, increasing in both, the second of the last pair whose first is at most `x`; 0 if
+/// there is none.
+fn second_at_or_before(pairs: &[(usize, usize)], x: usize) -> usize {
+    let i = pairs.partition_point(|&(first, _)| first <= x);
+    if i == 0 {
+        0
+    } else {
+        pairs[i - 1].1
+    }
+}
+
 impl Wire {
     /// How much of the page compressed bytes `[0, c)` determine: decoding is a function of the
     /// bytes used, so equal compressed prefixes decode to equal page prefixes.
     fn page_at(&self, c: usize) -> usize {
-        let i = self.marks.partition_point(|&(at, _)| at <= c);
-        if i == 0 {
-            0
-        } else {
-            self.marks[i - 1].1
-        }
+        second_at_or_before(&self.marks, c)
     }
 }
 
@@ -221,6 +227,34 @@ struct WireRecorder {
     coding: Coding,
     bytes: BytesMut,
     marks: Vec<(usize, usize)>,
+}
+
+impl WireRecorder {
+    fn new(coding: Coding) -> WireRecorder {
+        WireRecorder {
+            coding,
+            bytes: BytesMut::new(),
+            marks: Vec::new(),
+        }
+    }
+
+    /// The decoder has used `compressed` bytes and given `decoded` bytes of page so far.
+    fn mark(&mut self, compressed: u64, decoded: u64) {
+        let mark = (compressed as usize, decoded as usize);
+        if self.marks.last() != Some(&mark) {
+            self.marks.push(mark);
+        }
+    }
+
+    /// The body as recorded, usable only if its last mark is the whole body and the whole
+    /// page of `page_len` bytes.
+    fn finish(self, page_len: usize) -> Option<Wire> {
+        (self.marks.last() == Some(&(self.bytes.len(), page_len))).then(|| Wire {
+            coding: self.coding,
+            bytes: Bytes::copy_from_slice(&self.bytes),
+            marks: self.marks,
+        })
+    }
 }
 
 impl Recording {
@@ -252,21 +286,24 @@ impl Recording {
     /// The output packed for `kind` and IDs of these lengths (percent-encoded, HTML-escaped);
     /// true beside it when this call made it.
     fn pack(&self, kind: PackKind, lens: (usize, usize)) -> (&Pack, bool) {
-        let slots: Vec<(usize, usize)> = self
-            .slots
-            .iter()
-            .map(|&(at, _)| (at, SENTINEL_LEN))
-            .collect();
-        // Fewer cuts than checkpoints: each cut ends a compressed block, and a new block costs
-        // its code tables.
-        let mut cuts: Vec<usize> = Vec::new();
-        for &(_, n) in &self.checkpoints {
-            if n >= cuts.last().copied().unwrap_or(0) + PACK_CUT_EVERY {
-                cuts.push(n);
+        // Called for every packed send of every replay: the slots and cuts a pack is made
+        // from are worked out only when one is made.
+        let build = |shape: Option<pack::Shape<'_>>| {
+            let slots: Vec<(usize, usize)> = self
+                .slots
+                .iter()
+                .map(|&(at, _)| (at, SENTINEL_LEN))
+                .collect();
+            // Fewer cuts than checkpoints: each cut ends a compressed block, and a new block
+            // costs its code tables.
+            let mut cuts: Vec<usize> = Vec::new();
+            for &(_, n) in &self.checkpoints {
+                if n >= cuts.last().copied().unwrap_or(0) + PACK_CUT_EVERY {
+                    cuts.push(n);
+                }
             }
-        }
-        let build =
-            |shape: Option<pack::Shape<'_>>| Pack::new(kind, &self.output, &slots, &cuts, shape);
+            Pack::new(kind, &self.output, &slots, &cuts, shape)
+        };
         let filler = *self
             .packs
             .filler
@@ -334,12 +371,7 @@ impl Recording {
 
     /// The output known once input `[0, verified)` matched: the last checkpoint at or before it.
     fn covered(&self, verified: usize) -> usize {
-        let i = self.checkpoints.partition_point(|&(k, _)| k <= verified);
-        if i == 0 {
-            0
-        } else {
-            self.checkpoints[i - 1].1
-        }
+        second_at_or_before(&self.checkpoints, verified)
     }
 }
 
@@ -421,14 +453,7 @@ impl Recorder {
                 }
             }
         }
-        // The compressed body is usable only if its last mark is the whole page.
-        let wire = self.wire.take().and_then(|w| {
-            (w.marks.last() == Some(&(w.bytes.len(), self.input.len()))).then(|| Wire {
-                coding: w.coding,
-                bytes: Bytes::copy_from_slice(&w.bytes),
-                marks: w.marks,
-            })
-        });
+        let wire = self.wire.take().and_then(|w| w.finish(self.input.len()));
         Some(Recording {
             sentinel,
             input: Bytes::copy_from_slice(&self.input),
@@ -815,29 +840,19 @@ impl Learning {
         Some(Learning {
             recording: Arc::clone(recording),
             index,
-            wire: WireRecorder {
-                coding,
-                bytes: BytesMut::new(),
-                marks: Vec::new(),
-            },
+            wire: WireRecorder::new(coding),
         })
     }
 
     /// The page was verified to its end: keep the body if its marks cover it all. True when
     /// the recording changed (the store must weigh it again).
     fn finish(mut self) -> bool {
-        let wire = &mut self.wire;
-        let whole = (wire.bytes.len(), self.recording.input.len());
-        if wire.marks.last() != Some(&whole) {
-            return false;
+        let coding = self.wire.coding;
+        let wire = std::mem::replace(&mut self.wire, WireRecorder::new(coding));
+        match wire.finish(self.recording.input.len()) {
+            Some(wire) => self.recording.learnt[self.index].set(wire).is_ok(),
+            None => false,
         }
-        self.recording.learnt[self.index]
-            .set(Wire {
-                coding: wire.coding,
-                bytes: Bytes::copy_from_slice(&wire.bytes),
-                marks: std::mem::take(&mut wire.marks),
-            })
-            .is_ok()
     }
 }
 
@@ -1026,11 +1041,7 @@ impl Splicer {
         match &mut self.mode {
             Mode::Live(live) => {
                 if let Some(r) = live.recorder.as_mut().filter(|r| r.input.is_empty()) {
-                    r.wire = Some(WireRecorder {
-                        coding,
-                        bytes: BytesMut::new(),
-                        marks: Vec::new(),
-                    });
+                    r.wire = Some(WireRecorder::new(coding));
                 }
                 false
             }
@@ -1074,22 +1085,13 @@ impl Splicer {
 
     /// The decoder has used `compressed` bytes and given `decoded` bytes of page so far.
     pub fn wire_mark(&mut self, compressed: u64, decoded: u64) {
-        if let Mode::Replay(Replay {
-            learning: Some(l), ..
-        }) = &mut self.mode
-        {
-            let mark = (compressed as usize, decoded as usize);
-            if l.wire.marks.last() != Some(&mark) {
-                l.wire.marks.push(mark);
-            }
-        }
-        if let Mode::Live(live) = &mut self.mode {
-            if let Some(w) = live.recorder.as_mut().and_then(|r| r.wire.as_mut()) {
-                let mark = (compressed as usize, decoded as usize);
-                if w.marks.last() != Some(&mark) {
-                    w.marks.push(mark);
-                }
-            }
+        let recording = match &mut self.mode {
+            Mode::Replay(replay) => replay.learning.as_mut().map(|l| &mut l.wire),
+            Mode::Live(live) => live.recorder.as_mut().and_then(|r| r.wire.as_mut()),
+            _ => None,
+        };
+        if let Some(w) = recording {
+            w.mark(compressed, decoded);
         }
     }
 
