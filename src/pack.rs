@@ -503,15 +503,12 @@ mod tests {
             flate2::read::GzDecoder::new(&gz[..])
                 .read_to_end(&mut got)
                 .expect("a valid gzip member, CRC and length included");
-            let mut want = Vec::new();
-            let mut at = 0;
-            for &(s, l) in &slots {
-                want.extend_from_slice(&output[at..s]);
-                want.extend_from_slice(id);
-                at = s + l;
-            }
-            want.extend_from_slice(&output[at..]);
-            assert_eq!(got, want, "id of {} bytes", id.len());
+            assert_eq!(
+                got,
+                with_id(&output, &slots, id),
+                "id of {} bytes",
+                id.len()
+            );
         }
     }
 
@@ -588,15 +585,11 @@ mod tests {
             brotli::Decompressor::new(&stream[..], 4096)
                 .read_to_end(&mut got)
                 .expect("a valid brotli stream");
-            let mut want = Vec::new();
-            let mut at = 0;
-            for &(s, l) in &slots {
-                want.extend_from_slice(&page[at..s]);
-                want.extend_from_slice(id);
-                at = s + l;
-            }
-            want.extend_from_slice(&page[at..]);
-            assert!(got == want, "id of {} bytes", id.len());
+            assert!(
+                got == with_id(&page, &slots, id),
+                "id of {} bytes",
+                id.len()
+            );
         }
         // A pack is worth keeping only if it compresses like a whole-page encoder would.
         let whole = brotli_piece(&page, PACK_BROTLI_QUALITY, PACK_BROTLI_WINDOW).len();
