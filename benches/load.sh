@@ -37,8 +37,9 @@
 #   ROUNDS=5 LOAD_SECONDS=10 benches/load.sh         # the README's figures
 #   ROUNDS=2 LOAD_SECONDS=5 BINARY_ROUNDS=2 benches/load.sh   # CI: ~5 min
 #   SCENARIOS="gzip br" benches/load.sh              # the compressed scenario alone
-#   KMI_FETCH_UNCOMPRESSED=1 SCENARIOS="gzip br" benches/load.sh
-#                            # the same, kmi-proxy with rewrite.fetch_recorded_uncompressed = true
+#   KMI_FETCH_UNCOMPRESSED=0 SCENARIOS="gzip br" benches/load.sh
+#                            # the same, kmi-proxy with rewrite.fetch_recorded_uncompressed = false
+#                            # (the origin compresses every page kmi-proxy asks for)
 #
 # Loopback only, bounded in time; everything it starts lives in a temporary directory and is
 # stopped on exit by its saved PID (nginx by `nginx -s stop` with its own pid file).
@@ -498,10 +499,11 @@ if want plain; then
 fi
 # The compressed scenario: one kmi-proxy per coding in front of the compressing origin, so that
 # each round meets a recording of its own coding and its /metrics count that round alone.
-# KMI_FETCH_UNCOMPRESSED=1: with `rewrite.fetch_recorded_uncompressed`, recorded pages are
-# asked for uncompressed, so the origin does not compress them for kmi-proxy.
+# As deployed, `rewrite.fetch_recorded_uncompressed` (on by default) asks for recorded pages
+# uncompressed, so the origin does not compress them for kmi-proxy; KMI_FETCH_UNCOMPRESSED=0
+# turns it off, and the origin compresses every page kmi-proxy asks for.
 fetch_uncompressed=()
-[ "${KMI_FETCH_UNCOMPRESSED:-0}" = 1 ] && fetch_uncompressed=("[rewrite]" "fetch_recorded_uncompressed = true")
+[ "${KMI_FETCH_UNCOMPRESSED:-1}" = 0 ] && fetch_uncompressed=("[rewrite]" "fetch_recorded_uncompressed = false")
 for z in "${CODINGS[@]}"; do
     write_kmi_config "$WORK/kmi-$z.toml" "${KMI_PORT[$z]}" "${KMI_ADMIN[$z]}" "$ZORIGIN_PORT" \
         "${fetch_uncompressed[@]}"

@@ -201,7 +201,8 @@ pub struct Config {
     pub cache_bytes: usize,
     /// Ask the origin for a recorded page uncompressed (`Accept-Encoding: identity`) and
     /// compress it for the client from the recording: the origin saves compressing every
-    /// response, the link to it carries the page uncompressed.
+    /// response, the link to it carries the page uncompressed. On by default: the proxy runs in
+    /// front of its origin, on the same host or network; `false` for an origin across a WAN.
     pub fetch_recorded_uncompressed: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -726,7 +727,7 @@ impl Validator {
             decorator,
             memory_limit,
             cache_bytes,
-            fetch_recorded_uncompressed: raw.rewrite.fetch_recorded_uncompressed.unwrap_or(false),
+            fetch_recorded_uncompressed: raw.rewrite.fetch_recorded_uncompressed.unwrap_or(true),
             timeouts,
             limits,
             shutdown_timeout,
@@ -1321,20 +1322,22 @@ mod tests {
     }
 
     #[test]
-    fn fetching_recorded_pages_uncompressed_is_off_unless_asked_for() {
+    fn fetching_recorded_pages_uncompressed_is_on_unless_turned_off() {
         let base = "upstream = \"http://127.0.0.1:1\"\n[[partner]]\nname = \"p\"\ndomains = [\"p.example\"]\n";
         assert!(
-            !Config::parse(base, "t")
+            Config::parse(base, "t")
                 .unwrap()
                 .fetch_recorded_uncompressed
         );
-        let on = format!("{base}[rewrite]\nfetch_recorded_uncompressed = true\n");
-        let c = Config::parse(&on, "t").unwrap();
-        assert!(c.fetch_recorded_uncompressed);
+        let off = format!("{base}[rewrite]\nfetch_recorded_uncompressed = false\n");
+        let c = Config::parse(&off, "t").unwrap();
+        assert!(!c.fetch_recorded_uncompressed);
         // `check` shows it, and what it shows means the same.
-        assert!(c.to_string().contains("fetch_recorded_uncompressed = true"));
+        assert!(c
+            .to_string()
+            .contains("fetch_recorded_uncompressed = false"));
         assert!(
-            Config::parse(&c.to_string(), "t")
+            !Config::parse(&c.to_string(), "t")
                 .unwrap()
                 .fetch_recorded_uncompressed
         );

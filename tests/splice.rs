@@ -869,7 +869,10 @@ async fn a_page_served_in_two_codings_is_compared_compressed_in_both() {
         })
         .start()
         .await;
-    let proxy = proxy(ADMIN, origin.addr).await;
+    // Asked for as the client asks (the origin's compressed bytes are what is compared), not
+    // uncompressed as a recorded page is by default.
+    let extra = format!("{ADMIN}[rewrite]\nfetch_recorded_uncompressed = false\n");
+    let proxy = proxy(&extra, origin.addr).await;
     let decorator = Arc::clone(&config("", origin.addr).decorator);
     let codings = ["gzip", "gzip", "br", "br", "br", "gzip", "br"];
     for (i, coding) in codings.iter().enumerate() {
