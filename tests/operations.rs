@@ -566,6 +566,28 @@ async fn sigterm_with_a_response_that_never_ends_exits_after_shutdown_timeout() 
     drop(feed);
 }
 
+/// A log that goes to a file or a pipe (as under systemd, Docker or a log shipper) carries no
+/// terminal colour codes, though nobody set `NO_COLOR`.
+#[tokio::test]
+async fn a_log_read_from_a_pipe_has_no_colour_codes() {
+    let origin = origin().route("/", |_| Reply::html(PAGE)).start().await;
+    let dir = TempDir::new("plain-log");
+    let file = dir.file("config.toml", &config_text("", origin.addr));
+    let mut kmi = binary(&file).env("NO_COLOR", "").start().await;
+    let rsp = get(kmi.addr, "/")
+        .cookie("km_ai=visitor-7f3a9c")
+        .send()
+        .await;
+    assert_eq!(text_of(rsp).await, decorated("visitor-7f3a9c"));
+    let line = kmi
+        .log_line("from the access log", |l| l.contains("kmi_proxy::access"))
+        .await;
+    assert!(line.contains("status=200"), "{line}");
+    for line in kmi.log() {
+        assert!(!line.contains('\x1b'), "an escape code in {line:?}");
+    }
+}
+
 #[tokio::test]
 async fn json_log_format_writes_access_lines_as_json_without_the_visitor_id() {
     let origin = origin().route("/", |_| Reply::html(PAGE)).start().await;
