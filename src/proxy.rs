@@ -177,6 +177,9 @@ struct Exchange {
     excluded: bool,
     /// The protocols to ask the origin for, and the client's side of the switch.
     upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    /// This visitor's links would be decorated on this page, whatever the client accepts: an ID
+    /// usable with consent, a partner decorated inline, a path not excluded.
+    decorates: bool,
     /// A page that would be decorated for this visitor (its 304 must stay private too).
     decorated_page: bool,
     /// The origin is asked for the whole page (no Range), since it may be rewritten.
@@ -302,9 +305,7 @@ impl Proxy {
         // (Not for HEAD, whose origin answer would then not say how the GET is compressed.)
         exchange.uncompressed = config.fetch_recorded_uncompressed
             && exchange.method == Method::GET
-            && !exchange.excluded
-            && usable_id(&exchange.identity, exchange.consent).is_ok()
-            && config.decorator.partners.any_inline()
+            && exchange.decorates
             && exchange.accepts.is_some()
             && snapshot
                 .recordings
@@ -398,9 +399,9 @@ impl Proxy {
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let partners = &config.decorator.partners;
         let html_get = !excluded && may_be_rewritten(&method, req.headers());
+        let decorates = !excluded && usable_id(&identity, consent).is_ok() && partners.any_inline();
         // A page decorated for this visitor (its 304 must stay private too).
-        let decorated_page =
-            html_get && usable_id(&identity, consent).is_ok() && partners.any_inline();
+        let decorated_page = html_get && decorates;
         // A page that will be rewritten at all asks the origin for the whole page: a range of a
         // page that is then rewritten would not fit together.
         let whole_page = decorated_page || (html_get && rewrites_without_id(config));
@@ -417,6 +418,7 @@ impl Proxy {
                 consent,
                 excluded,
                 upgrade,
+                decorates,
                 decorated_page,
                 whole_page,
                 page,
