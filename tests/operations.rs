@@ -566,6 +566,18 @@ async fn sigterm_with_a_response_that_never_ends_exits_after_shutdown_timeout() 
     drop(feed);
 }
 
+/// Asks `kmi` for the page as visitor `visitor-7f3a9c`, checks it came back decorated, and
+/// returns the access line the request logged.
+async fn access_line_of_a_decorated_request(kmi: &mut Binary) -> String {
+    let rsp = get(kmi.addr, "/")
+        .cookie("km_ai=visitor-7f3a9c")
+        .send()
+        .await;
+    assert_eq!(text_of(rsp).await, decorated("visitor-7f3a9c"));
+    kmi.log_line("from the access log", |l| l.contains("kmi_proxy::access"))
+        .await
+}
+
 /// A log that goes to a file or a pipe (as under systemd, Docker or a log shipper) carries no
 /// terminal colour codes, though nobody set `NO_COLOR`.
 #[tokio::test]
@@ -574,14 +586,7 @@ async fn a_log_read_from_a_pipe_has_no_colour_codes() {
     let dir = TempDir::new("plain-log");
     let file = dir.file("config.toml", &config_text("", origin.addr));
     let mut kmi = binary(&file).env("NO_COLOR", "").start().await;
-    let rsp = get(kmi.addr, "/")
-        .cookie("km_ai=visitor-7f3a9c")
-        .send()
-        .await;
-    assert_eq!(text_of(rsp).await, decorated("visitor-7f3a9c"));
-    let line = kmi
-        .log_line("from the access log", |l| l.contains("kmi_proxy::access"))
-        .await;
+    let line = access_line_of_a_decorated_request(&mut kmi).await;
     assert!(line.contains("status=200"), "{line}");
     for line in kmi.log() {
         assert!(!line.contains('\x1b'), "an escape code in {line:?}");
@@ -597,15 +602,7 @@ async fn json_log_format_writes_access_lines_as_json_without_the_visitor_id() {
         &config_text("[log]\nformat = \"json\"\n", origin.addr),
     );
     let mut kmi = binary(&file).start().await;
-    let rsp = get(kmi.addr, "/")
-        .cookie("km_ai=visitor-7f3a9c")
-        .send()
-        .await;
-    assert_eq!(text_of(rsp).await, decorated("visitor-7f3a9c"));
-
-    let line = kmi
-        .log_line("from the access log", |l| l.contains("kmi_proxy::access"))
-        .await;
+    let line = access_line_of_a_decorated_request(&mut kmi).await;
     assert!(
         line.starts_with('{') && line.ends_with('}'),
         "a JSON object: {line}"
