@@ -973,7 +973,7 @@ impl Encoder {
                             g.crc = crate::pack::crc32_combine(g.crc, p.crc, p.shift);
                             g.len += p.len;
                         }
-                        Piece::Slot => {
+                        Piece::Slot(_) => {
                             if id.is_empty() {
                                 continue;
                             }
@@ -991,8 +991,8 @@ impl Encoder {
                 for (piece, id) in pieces {
                     match piece {
                         Piece::Static(p) => out.extend_from_slice(&p.data),
-                        Piece::Slot if id.is_empty() => {}
-                        Piece::Slot => crate::pack::brotli_stored(id, &mut out),
+                        Piece::Slot(_) if id.is_empty() => {}
+                        Piece::Slot(_) => crate::pack::brotli_stored(id, &mut out),
                     }
                 }
             }

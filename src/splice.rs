@@ -163,14 +163,17 @@ fn coding_index(coding: Coding) -> usize {
 /// How many packed variants (coding and ID lengths) a recording keeps before it falls back to
 /// one pack per coding that fits any ID. Anonymous IDs mostly share a length or two.
 const PACK_VARIANTS: usize = 6;
-/// Packed pieces end at checkpoints at least this far apart in the output.
+/// Packed pieces end at checkpoints at least this far apart in the output, and closer near its
+/// start (see `pack_cuts`).
 const PACK_CUT_EVERY: usize = 32 * 1024;
+/// Where the first packed piece may end.
+const PACK_FIRST_CUT: usize = 4 * 1024;
 
 /// A recording's packed outputs. Set once each, read without locks.
 #[derive(Default)]
 struct Packs {
-    /// A byte the output does not use, for shaped packs; `Some(None)` when there is none.
-    filler: OnceLock<Option<u8>>,
+    /// The byte values the output does not use, for shaped packs' stand-ins.
+    absent: OnceLock<Vec<u8>>,
     shaped: [OnceLock<Variant>; PACK_VARIANTS],
     any_gzip: OnceLock<Pack>,
     any_brotli: OnceLock<Pack>,
@@ -191,6 +194,45 @@ impl Packs {
             .sum::<usize>()
             + self.any_gzip.get().map_or(0, Pack::weight)
             + self.any_brotli.get().map_or(0, Pack::weight)
+    }
+}
+
+/// Where packed pieces end, from the checkpoints `(input, output)`: fewer cuts than checkpoints,
+/// since each ends a compressed block and a new block costs its code tables (about 30 bytes of
+/// brotli each on the corpus page). A replay sends only up to a cut, so they come closer where
+/// the page starts, for its head to leave early: after about 4, 8 and 16 KiB, then every 32 KiB.
+fn pack_cuts(checkpoints: &[(usize, usize)]) -> Vec<usize> {
+    let mut cuts: Vec<usize> = Vec::new();
+    for &(_, n) in checkpoints {
+        let last = cuts.last().copied().unwrap_or(0);
+        if n >= last + last.clamp(PACK_FIRST_CUT, PACK_CUT_EVERY) {
+            cuts.push(n);
+        }
+    }
+    cuts
+}
+
+/// What stands for the ID in each form's slots while a pack for IDs of `lens` (percent-encoded,
+/// HTML-escaped) is compressed, from the byte values the output lacks: a different byte at each
+/// offset of each form when there are enough (faithful stand-ins, see `pack::Shape`), else one
+/// byte per form. Never the same stand-in for both forms, whose IDs differ. `None` when the
+/// output leaves too few byte values.
+fn stand_ins(
+    absent: &[u8],
+    slots: &[(usize, Form)],
+    lens: (usize, usize),
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let used = |f: Form| slots.iter().any(|&(_, form)| form == f);
+    let url = if used(Form::Url) { lens.0 } else { 0 };
+    let html = if used(Form::Html) { lens.1 } else { 0 };
+    if absent.len() >= url + html {
+        Some((absent[..url].to_vec(), absent[url..url + html].to_vec()))
+    } else if absent.len() >= 2 {
+        Some((vec![absent[0]; url], vec![absent[1]; html]))
+    } else if absent.len() == 1 && (url == 0 || html == 0) {
+        Some((vec![absent[0]; url], vec![absent[0]; html]))
+    } else {
+        None
     }
 }
 
@@ -294,36 +336,28 @@ impl Recording {
                 .iter()
                 .map(|&(at, _)| (at, SENTINEL_LEN))
                 .collect();
-            // Fewer cuts than checkpoints: each cut ends a compressed block, and a new block
-            // costs its code tables.
-            let mut cuts: Vec<usize> = Vec::new();
-            for &(_, n) in &self.checkpoints {
-                if n >= cuts.last().copied().unwrap_or(0) + PACK_CUT_EVERY {
-                    cuts.push(n);
-                }
-            }
+            let cuts = pack_cuts(&self.checkpoints);
             Pack::new(kind, &self.output, &slots, &cuts, shape)
         };
-        let filler = *self
+        let absent = self
             .packs
-            .filler
-            .get_or_init(|| pack::absent_byte(&self.output));
-        if let Some(filler) = filler {
+            .absent
+            .get_or_init(|| pack::absent_bytes(&self.output));
+        if let Some((url, html)) = stand_ins(absent, &self.slots, lens) {
             for cell in &self.packs.shaped {
                 let mut made = false;
                 let variant = cell.get_or_init(|| {
                     made = true;
-                    let per_slot: Vec<usize> = self
+                    let per_slot: Vec<&[u8]> = self
                         .slots
                         .iter()
                         .map(|&(_, form)| match form {
-                            Form::Url => lens.0,
-                            Form::Html => lens.1,
+                            Form::Url => &url[..],
+                            Form::Html => &html[..],
                         })
                         .collect();
                     let shape = pack::Shape {
-                        filler,
-                        lens: &per_slot,
+                        stand_ins: &per_slot,
                     };
                     Variant {
                         kind,
@@ -1195,12 +1229,10 @@ impl Splicer {
                 store.reweigh(key, recording);
             }
         }
-        let first_slot = recording.slots.partition_point(|&(at, _)| at < replay.sent);
-        let mut slots = recording.slots[first_slot..].iter();
         let forms = &self.forms;
         let out = encoder.packed(pack.range(replay.sent, to).iter().map(|piece| {
             let id: &[u8] = match piece {
-                Piece::Slot => slots.next().map_or(&[][..], |&(_, form)| forms.get(form)),
+                Piece::Slot(i) => forms.get(recording.slots[*i].1),
                 Piece::Static(_) => &[],
             };
             (piece, id)
