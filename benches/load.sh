@@ -68,7 +68,7 @@
 #   7. medians over the rounds, the ratios and the performance issues' targets, printed as met or
 #      NOT met (measurements on a shared machine: reported, not asserted); for each coding the
 #      size of kmi-proxy's decorated response against the whole decorated page compressed once
-#      (gzip -6, brotli quality 6), and the /metrics counters that say which path served the
+#      (gzip -7, brotli quality 6), and the /metrics counters that say which path served the
 #      round (pages_total: recorded, spliced, diverged; pages_verified_total: compressed or
 #      decoded); then the checks, where any failure exits non-zero: kmi-proxy served no non-2xx
 #      response and wrk saw no socket error (in the compressed rounds, where the origin's
@@ -137,9 +137,10 @@ for z in gzip br; do
         CODINGS+=("$z")
     fi
 done
-# The level each coding's reference size is compressed at: gzip's default (kmi-proxy's packed
-# level too), and the brotli module's default quality, which the origin compresses at.
-GZIP_REF_LEVEL=6
+# The level each coding's reference size is compressed at: kmi-proxy's packed level
+# (pack::PACK_LEVEL, one above gzip's default), and the brotli module's default quality, which
+# the origin compresses at (kmi-proxy's packed quality too).
+GZIP_REF_LEVEL=7
 BROTLI_REF_QUALITY=6
 
 # ---------------------------------------------------------------------------------------------

@@ -958,22 +958,30 @@ impl Encoder {
         }
     }
 
-    /// Sends pieces compressed in advance, with `id` in each slot (stored, not compressed: a few
-    /// dozen bytes). Only for an encoder that [`Encoder::takes_packed`], with pieces of that
-    /// kind; the stream may go on with [`Encoder::write`] and ends with [`Encoder::finish`].
-    pub fn packed<'a>(&mut self, pieces: impl IntoIterator<Item = (&'a Piece, &'a [u8])>) -> Bytes {
+    /// Sends pieces compressed in advance, with `id_of(i)` in slot `i`: stored, not compressed,
+    /// where a piece is a slot (a few dozen bytes); inside a static piece already compressed as a
+    /// copy, and only counted in the gzip CRC. Only for an encoder that
+    /// [`Encoder::takes_packed`], with pieces of that kind; the stream may go on with
+    /// [`Encoder::write`] and ends with [`Encoder::finish`].
+    pub fn packed<'a>(
+        &mut self,
+        pieces: &[Piece],
+        id_of: impl Fn(usize) -> &'a [u8] + Copy,
+    ) -> Bytes {
         let mut out = Vec::new();
         match &mut self.0 {
             EncoderKind::Gzip(g) => {
                 g.header(&mut out);
-                for (piece, id) in pieces {
+                for piece in pieces {
                     match piece {
                         Piece::Static(p) => {
                             out.extend_from_slice(&p.data);
-                            g.crc = crate::pack::crc32_combine(g.crc, p.crc, p.shift);
+                            let crc = p.crc_with(id_of);
+                            g.crc = crate::pack::crc32_combine(g.crc, crc, p.shift);
                             g.len += p.len;
                         }
-                        Piece::Slot(_) => {
+                        Piece::Slot(i) => {
+                            let id = id_of(*i);
                             if id.is_empty() {
                                 continue;
                             }
@@ -988,11 +996,10 @@ impl Encoder {
             }
             EncoderKind::Brotli(b) => {
                 b.header(&mut out);
-                for (piece, id) in pieces {
+                for piece in pieces {
                     match piece {
                         Piece::Static(p) => out.extend_from_slice(&p.data),
-                        Piece::Slot(_) if id.is_empty() => {}
-                        Piece::Slot(_) => crate::pack::brotli_stored(id, &mut out),
+                        Piece::Slot(i) => crate::pack::brotli_stored(id_of(*i), &mut out),
                     }
                 }
             }

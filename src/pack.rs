@@ -8,7 +8,9 @@
 //! Why the pieces concatenate. A sync flush ends a deflate block and pads the stream to a byte
 //! boundary without ending it, so what follows may be any block; each static run (the bytes
 //! between two slots) is compressed by a compressor reset at its start, so no match reaches back
-//! past the run into bytes (the ID) that differ from one visitor to the next. Pure CPU work.
+//! past the run into bytes (the ID) that differ from one visitor to the next, except as a
+//! [`Shape`] allows: into static bytes the client has too, or from a slot to the same offset
+//! of an earlier slot with the same ID. Brotli pieces are made the same way. Pure CPU work.
 
 use bytes::Bytes;
 
@@ -57,18 +59,52 @@ pub fn crc32_combine(crc_a: u32, crc_b: u32, shift_b: u32) -> u32 {
     multmodp(shift_b, crc_a) ^ crc_b
 }
 
+/// The linear part of a CRC-32: `crc(data) ^ crc(zeros of its length)`. It is what a message
+/// adds to the CRC of any other of its length when the two are XORed, and moving it past `t`
+/// more bytes multiplies it by `crc32_shift(t)`.
+fn crc32_linear(data: &[u8]) -> u32 {
+    let mut zeros = crc32fast::Hasher::new();
+    update_zeros(&mut zeros, data.len());
+    crc32fast::hash(data) ^ zeros.finalize()
+}
+
+/// `n` zero bytes into `h`.
+fn update_zeros(h: &mut crc32fast::Hasher, mut n: usize) {
+    const ZEROS: [u8; 64] = [0; 64];
+    while n > 0 {
+        let k = n.min(ZEROS.len());
+        h.update(&ZEROS[..k]);
+        n -= k;
+    }
+}
+
 /// One static piece of a recording's output, compressed.
 #[derive(Debug, Clone)]
 pub struct Packed {
     /// The compressed bytes: raw deflate blocks ending on a sync flush (byte-aligned, no final
     /// block), or brotli meta-blocks ending on a byte boundary without ending the stream.
     pub data: Bytes,
-    /// CRC-32 of the bytes it decodes to (what a gzip trailer needs).
-    pub crc: u32,
+    /// CRC-32 of the bytes it decodes to (what a gzip trailer needs), with zeros for the IDs of
+    /// the slots left inside it; see [`Packed::crc_with`].
+    crc: u32,
+    /// Per stand-in among the slots left inside the piece: one of those slots, and the XOR of
+    /// `crc32_shift(t)` over them, `t` the bytes after each in the piece.
+    ids: Box<[(usize, u32)]>,
     /// How many bytes it decodes to.
     pub len: u64,
     /// `crc32_shift(len)`.
     pub shift: u32,
+}
+
+impl Packed {
+    /// CRC-32 of what the piece decodes to with `id_of(i)` in slot `i`: the CRC with zeros in
+    /// the slots, plus each ID's linear part moved to each place it lands. Slots with equal
+    /// stand-ins hold equal IDs, so that is one product per stand-in, not one per slot.
+    pub fn crc_with<'a>(&self, id_of: impl Fn(usize) -> &'a [u8]) -> u32 {
+        self.ids.iter().fold(self.crc, |crc, &(slot, shifts)| {
+            crc ^ multmodp(shifts, crc32_linear(id_of(slot)))
+        })
+    }
 }
 
 /// A piece of the output between two cuts: packed bytes, or the ID of the slot (an index into
@@ -125,9 +161,9 @@ impl Shape<'_> {
 
 impl Shape<'_> {
     /// Per slot, whether its ID must be sent as is: the first slot with its stand-in, one whose
-    /// earlier same slot lies further back than a brotli match reaches, and none whose stand-in
-    /// is empty. The others an earlier slot can give by a copy.
-    fn first_of_each(&self, slots: &[(usize, usize)]) -> Vec<bool> {
+    /// earlier same slot lies further back than `reach`, and none whose stand-in is empty. The
+    /// others an earlier slot can give by a copy.
+    fn first_of_each(&self, slots: &[(usize, usize)], reach: usize) -> Vec<bool> {
         // Per stand-in, where its last slot starts in the client's stream.
         let mut last: Vec<(&[u8], usize)> = Vec::new();
         // How much longer the client's stream is than the output so far.
@@ -139,7 +175,7 @@ impl Shape<'_> {
             shift += s.len() as isize - len as isize;
             let w = match last.iter_mut().find(|(t, _)| *t == s) {
                 Some((_, before)) => {
-                    let far = client_at - *before > BROTLI_REACH;
+                    let far = client_at - *before > reach;
                     *before = client_at;
                     far
                 }
@@ -317,12 +353,26 @@ pub struct Pack {
     bytes: usize,
 }
 
-/// The gzip level of packed pieces: compressed once per recording, not once per visitor, so the
-/// level nginx and gzip default to rather than the per-visitor encoder's faster one.
-pub const PACK_LEVEL: u32 = 6;
+/// The gzip level of packed pieces: compressed once per recording, not once per visitor, so a
+/// better level than the per-visitor encoder's. 7 rather than zlib's default 6: zlib-rs (like
+/// zlib-ng) compresses levels up to 6 with a strategy that leaves the strings inside a long
+/// match out of its hash chains, so a slot copied as part of a long match cannot be found
+/// again, and on the corpus page every slot after the first 64 KiB was left as literals (the
+/// check in [`Pack::new`] caught it). Level 7 puts every string in the chains.
+pub const PACK_LEVEL: u32 = 7;
 
 /// How far back a brotli match may reach in a packed stream.
 const BROTLI_REACH: usize = (1 << PACK_BROTLI_WINDOW) - 16;
+/// How far back zlib's deflate reaches: its window less its look-ahead.
+const DEFLATE_REACH: usize = DEFLATE_WINDOW - 262;
+
+/// How far back a match of `kind` may reach.
+fn reach(kind: PackKind) -> usize {
+    match kind {
+        PackKind::Gzip => DEFLATE_REACH,
+        PackKind::Brotli => BROTLI_REACH,
+    }
+}
 
 impl Pack {
     /// Packs `output` for `kind`, whose slots are `slots` (start, length), cutting it at every
@@ -332,15 +382,17 @@ impl Pack {
     /// a dictionary (see [`Shape`]); without, each run starts afresh, valid for an ID of any
     /// length.
     ///
-    /// A brotli pack with a faithful shape cuts only at the slots whose ID no earlier slot can
-    /// give (the first of each stand-in, or one further back than a match reaches): every other
-    /// slot is compressed as its stand-in, inside the run, where the compressor finds it equal to
-    /// an earlier slot's and encodes it as a copy, which gives the visitor's ID from the earlier
+    /// A pack with a faithful shape cuts only at the slots whose ID no earlier slot can give (the
+    /// first of each stand-in, or one further back than a match reaches): every other slot is
+    /// compressed as its stand-in, inside the run, where the compressor finds it equal to an
+    /// earlier slot's and encodes it as a copy, which gives the visitor's ID from the earlier
     /// slot. Whether it did is checked, not assumed: the pack is decoded with a test ID whose
     /// bytes are no stand-in's, and a slot the compressor wrote as literals (or as a word of its
-    /// dictionary) would decode to its stand-in instead. If the check fails the pack is made again
-    /// cut at every slot. On the corpus page this takes a brotli response from about 106% to
-    /// about 101% of the whole decorated page compressed once.
+    /// dictionary) would decode to its stand-in instead; for gzip the CRC made by
+    /// [`Packed::crc_with`] is checked too. If the check fails the pack is made again cut at
+    /// every slot. Against the whole decorated page compressed once, this takes a response from
+    /// 103% (gzip) and 106% (brotli) to about 100% and 101% on the corpus page, and from
+    /// 116-129% to about 100-101% on the link-dense spec pages.
     pub fn new(
         kind: PackKind,
         output: &[u8],
@@ -349,11 +401,11 @@ impl Pack {
         shape: Option<Shape<'_>>,
     ) -> Pack {
         debug_assert!(shape.map_or(true, |s| s.stand_ins.len() == slots.len()));
-        if let Some(s) = shape.filter(|s| kind == PackKind::Brotli && s.faithful()) {
-            let written = s.first_of_each(slots);
+        if let Some(s) = shape.filter(Shape::faithful) {
+            let written = s.first_of_each(slots, reach(kind));
             if written.iter().any(|&w| !w) {
                 let pack = Pack::build(kind, output, slots, cuts, shape, &written);
-                if pack.copies_hold(output, slots, s) {
+                if pack.copies_hold(kind, output, slots, s) {
                     return pack;
                 }
             }
@@ -413,13 +465,19 @@ impl Pack {
                 next += 1;
                 continue;
             }
-            // The piece as compressed: static output, with the stand-in of every slot in it.
+            // The piece as compressed: static output, with the stand-in of every slot in it; and
+            // the CRC the client's bytes will have, with zeros in those slots.
             let mut data: Vec<u8> = Vec::new();
+            let mut crc = crc32fast::Hasher::new();
+            let mut inside: Vec<(usize, usize)> = Vec::new(); // (slot, where it ends in data)
             let mut at = from;
             while let Some(&(s, len)) = slots.get(next).filter(|&&(s, _)| s < to) {
                 debug_assert!(!written[next] && s + len <= to);
                 data.extend_from_slice(&output[at..s]);
+                crc.update(&output[at..s]);
                 data.extend_from_slice(stand_in(next));
+                update_zeros(&mut crc, stand_in(next).len());
+                inside.push((next, data.len()));
                 at = s + len;
                 next += 1;
             }
@@ -429,6 +487,15 @@ impl Pack {
                 data.extend_from_slice(&output[at..to]);
                 &data
             };
+            crc.update(&output[at..to]);
+            let mut ids: Vec<(usize, u32)> = Vec::new();
+            for &(slot, end) in &inside {
+                let shift = crc32_shift((data.len() - end) as u64);
+                match ids.iter_mut().find(|(i, _)| stand_in(*i) == stand_in(slot)) {
+                    Some((_, shifts)) => *shifts ^= shift,
+                    None => ids.push((slot, shift)),
+                }
+            }
             let c = run.get_or_insert_with(|| RunCompressor::new(kind, &seen, shape.is_some()));
             if shape.is_some() {
                 seen.extend_from_slice(data);
@@ -445,7 +512,8 @@ impl Pack {
             bytes += compressed.len();
             pieces.push(Piece::Static(Packed {
                 data: Bytes::from(compressed),
-                crc: crc32fast::hash(data),
+                crc: crc.finalize(),
+                ids: ids.into(),
                 len: data.len() as u64,
                 shift: crc32_shift(data.len() as u64),
             }));
@@ -459,10 +527,17 @@ impl Pack {
         }
     }
 
-    /// Whether this brotli pack, with a test ID in each of its written slots, decodes to the
-    /// output with that test ID in every slot: that every slot it left inside a piece was
-    /// compressed as a copy of an earlier slot with the same stand-in (see [`Pack::new`]).
-    fn copies_hold(&self, output: &[u8], slots: &[(usize, usize)], shape: Shape<'_>) -> bool {
+    /// Whether this pack, with a test ID in each of its written slots, decodes to the output
+    /// with that test ID in every slot: that every slot it left inside a piece was compressed as
+    /// a copy of an earlier slot with the same stand-in (see [`Pack::new`]), and for gzip that
+    /// the pieces' CRCs make the member's.
+    fn copies_hold(
+        &self,
+        kind: PackKind,
+        output: &[u8],
+        slots: &[(usize, usize)],
+        shape: Shape<'_>,
+    ) -> bool {
         use std::io::Read;
         // Bytes the output has, so never a stand-in's, and a different one at each offset.
         let present: Vec<u8> = {
@@ -478,24 +553,58 @@ impl Pack {
                 .map(|k| present[(seed + k * 7) % present.len()])
                 .collect()
         };
-        let mut stream = brotli_header(PACK_BROTLI_WINDOW).to_vec();
-        for piece in &self.pieces {
-            match piece {
-                Piece::Static(p) => stream.extend_from_slice(&p.data),
-                Piece::Slot(i) => brotli_stored(&test(shape.stand_ins[*i]), &mut stream),
-            }
-        }
-        stream.push(BROTLI_END);
+        let tests: Vec<Vec<u8>> = shape.stand_ins.iter().map(|s| test(s)).collect();
+        let id_of = |i: usize| &tests[i][..];
         let mut want = Vec::with_capacity(output.len());
         let mut at = 0;
         for (i, &(s, len)) in slots.iter().enumerate() {
             want.extend_from_slice(&output[at..s]);
-            want.extend_from_slice(&test(shape.stand_ins[i]));
+            want.extend_from_slice(id_of(i));
             at = s + len;
         }
         want.extend_from_slice(&output[at..]);
         let mut got = Vec::with_capacity(want.len());
-        let read = brotli::Decompressor::new(&stream[..], 4096).read_to_end(&mut got);
+        let read = match kind {
+            PackKind::Brotli => {
+                let mut stream = brotli_header(PACK_BROTLI_WINDOW).to_vec();
+                for piece in &self.pieces {
+                    match piece {
+                        Piece::Static(p) => stream.extend_from_slice(&p.data),
+                        Piece::Slot(i) => brotli_stored(id_of(*i), &mut stream),
+                    }
+                }
+                stream.push(BROTLI_END);
+                brotli::Decompressor::new(&stream[..], 4096).read_to_end(&mut got)
+            }
+            PackKind::Gzip => {
+                // A whole member, its trailer from the pieces' CRCs: the decoder checks both.
+                let mut stream = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+                let (mut crc, mut len) = (0u32, 0u64);
+                for piece in &self.pieces {
+                    match piece {
+                        Piece::Static(p) => {
+                            stream.extend_from_slice(&p.data);
+                            crc = crc32_combine(crc, p.crc_with(id_of), p.shift);
+                            len += p.len;
+                        }
+                        Piece::Slot(i) => {
+                            let id = id_of(*i);
+                            stored_block(id, &mut stream);
+                            crc = crc32_combine(
+                                crc,
+                                crc32fast::hash(id),
+                                crc32_shift(id.len() as u64),
+                            );
+                            len += id.len() as u64;
+                        }
+                    }
+                }
+                stream.extend_from_slice(&[0x03, 0x00]);
+                stream.extend_from_slice(&crc.to_le_bytes());
+                stream.extend_from_slice(&(len as u32).to_le_bytes());
+                flate2::read::GzDecoder::new(&stream[..]).read_to_end(&mut got)
+            }
+        };
         read.is_ok() && got == want
     }
 
@@ -630,17 +739,30 @@ mod tests {
     }
 
     fn gzip_of(pack: &Pack, output: &[u8], slots: &[(usize, usize)], id: &[u8]) -> Vec<u8> {
+        gzip_with(pack, output, |i| {
+            assert!(i < slots.len(), "a slot");
+            id
+        })
+    }
+
+    /// A gzip member of the pack's pieces with `id_of(i)` in slot `i`, its trailer made as
+    /// `coding.rs` makes it.
+    fn gzip_with<'a>(
+        pack: &Pack,
+        output: &[u8],
+        id_of: impl Fn(usize) -> &'a [u8] + Copy,
+    ) -> Vec<u8> {
         let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
         let (mut crc, mut len) = (0u32, 0u64);
         for piece in pack.range(0, output.len()) {
             match piece {
                 Piece::Static(p) => {
                     out.extend_from_slice(&p.data);
-                    crc = crc32_combine(crc, p.crc, p.shift);
+                    crc = crc32_combine(crc, p.crc_with(id_of), p.shift);
                     len += p.len;
                 }
                 Piece::Slot(i) => {
-                    assert!(*i < slots.len(), "a slot");
+                    let id = id_of(*i);
                     stored_block(id, &mut out);
                     crc = crc32_combine(crc, crc32fast::hash(id), crc32_shift(id.len() as u64));
                     len += id.len() as u64;
@@ -725,11 +847,15 @@ mod tests {
     }
 
     fn brotli_of(pack: &Pack, output: &[u8], id: &[u8]) -> Vec<u8> {
+        brotli_with(pack, output, |_| id)
+    }
+
+    fn brotli_with<'a>(pack: &Pack, output: &[u8], id_of: impl Fn(usize) -> &'a [u8]) -> Vec<u8> {
         let mut out = brotli_header(PACK_BROTLI_WINDOW).to_vec();
         for piece in pack.range(0, output.len()) {
             match piece {
                 Piece::Static(p) => out.extend_from_slice(&p.data),
-                Piece::Slot(_) => brotli_stored(id, &mut out),
+                Piece::Slot(i) => brotli_stored(id_of(*i), &mut out),
             }
         }
         out.push(BROTLI_END);
@@ -777,17 +903,19 @@ mod tests {
 
     /// The pack's stream for `id` in every slot, in either coding.
     fn stream_of(kind: PackKind, pack: &Pack, output: &[u8], id: &[u8]) -> Vec<u8> {
+        stream_with(kind, pack, output, |_| id)
+    }
+
+    /// The pack's stream with `id_of(i)` in slot `i`, in either coding.
+    fn stream_with<'a>(
+        kind: PackKind,
+        pack: &Pack,
+        output: &[u8],
+        id_of: impl Fn(usize) -> &'a [u8] + Copy,
+    ) -> Vec<u8> {
         match kind {
-            PackKind::Brotli => brotli_of(pack, output, id),
-            PackKind::Gzip => {
-                let slots: Vec<(usize, usize)> = pack
-                    .range(0, output.len())
-                    .iter()
-                    .filter(|p| matches!(p, Piece::Slot(_)))
-                    .map(|_| (0, 0))
-                    .collect();
-                gzip_of(pack, output, &slots, id)
-            }
+            PackKind::Brotli => brotli_with(pack, output, id_of),
+            PackKind::Gzip => gzip_with(pack, output, id_of),
         }
     }
 
@@ -909,14 +1037,10 @@ mod tests {
                     (stream.len() as f64 / whole as f64 - 1.0) * 100.0
                 );
                 assert!(stream.len() < unshaped, "{kind:?}: shaping gained nothing");
-                // Gzip ends a block at each slot (the ID is stored between blocks), and a new
-                // block costs its code tables: +5% here with 21 slots and a 20-byte ID. Brotli
-                // leaves all slots but the first inside its pieces: +1% (+9% when it too
-                // ended a block at each slot).
-                let bound = match kind {
-                    PackKind::Gzip => 108,
-                    PackKind::Brotli => 102,
-                };
+                // All slots but the first stay inside the pieces: gzip -0.1%, brotli +1% here
+                // with 21 slots and a 20-byte ID (+5% and +9% when each slot ended a block and
+                // the ID was stored in each).
+                let bound = 102;
                 if output.len() > 50_000 && id.len() <= 20 {
                     assert!(
                         stream.len() * 100 <= whole * bound,
@@ -929,7 +1053,7 @@ mod tests {
     }
 
     #[test]
-    fn a_brotli_pack_sends_one_id_per_stand_in_and_copies_it_to_the_other_slots() {
+    fn a_pack_sends_one_id_per_stand_in_and_copies_it_to_the_other_slots() {
         let (mut output, mut slots, cuts) = recorded_page();
         // Every third slot takes the other form, with another ID.
         let url = stand_in(&output, 20);
@@ -941,12 +1065,6 @@ mod tests {
             stand_ins: &stand_ins,
         };
         assert!(shape.faithful());
-        let pack = Pack::new(PackKind::Brotli, &output, &slots, &cuts, Some(shape));
-        assert_eq!(
-            written(&pack, &output),
-            2,
-            "one slot per stand-in sent as is"
-        );
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut random = |len: usize| -> Vec<u8> {
             (0..len)
@@ -958,34 +1076,38 @@ mod tests {
                 })
                 .collect()
         };
-        for _ in 0..4 {
-            let (a, b) = (random(20), random(12));
-            let mut stream = brotli_header(PACK_BROTLI_WINDOW).to_vec();
-            for piece in pack.range(0, output.len()) {
-                match piece {
-                    Piece::Static(p) => stream.extend_from_slice(&p.data),
-                    Piece::Slot(i) => brotli_stored(if i % 3 == 2 { &b } else { &a }, &mut stream),
+        for kind in [PackKind::Gzip, PackKind::Brotli] {
+            let pack = Pack::new(kind, &output, &slots, &cuts, Some(shape));
+            // One slot per stand-in sent as is, and one wherever the last of its stand-in lies
+            // further back than a match reaches: twice more here for deflate's 32 KiB.
+            let sent = shape.first_of_each(&slots, reach(kind));
+            let sent = sent.iter().filter(|&&w| w).count();
+            assert_eq!(sent, if kind == PackKind::Gzip { 4 } else { 2 });
+            assert_eq!(written(&pack, &output), sent, "{kind:?}");
+            for _ in 0..4 {
+                let (a, b) = (random(20), random(12));
+                let id_of = |i: usize| if i % 3 == 2 { &b[..] } else { &a[..] };
+                let stream = stream_with(kind, &pack, &output, id_of);
+                let mut want = Vec::new();
+                let mut at = 0;
+                for (i, &(s, l)) in slots.iter().enumerate() {
+                    want.extend_from_slice(&output[at..s]);
+                    want.extend_from_slice(id_of(i));
+                    at = s + l;
                 }
+                want.extend_from_slice(&output[at..]);
+                // The gzip decoder checks the trailer's CRC and length too.
+                assert!(decode(kind, &stream) == want, "{kind:?}");
             }
-            stream.push(BROTLI_END);
-            let mut want = Vec::new();
-            let mut at = 0;
-            for (i, &(s, l)) in slots.iter().enumerate() {
-                want.extend_from_slice(&output[at..s]);
-                want.extend_from_slice(if i % 3 == 2 { &b } else { &a });
-                at = s + l;
-            }
-            want.extend_from_slice(&output[at..]);
-            assert!(decode(PackKind::Brotli, &stream) == want);
+            // Slots with a stand-in that repeats a byte are cut at, every one.
+            let single = [url[0]; 20];
+            let shape = Shape {
+                stand_ins: &vec![&single[..]; slots.len()],
+            };
+            assert!(!shape.faithful());
+            let pack = Pack::new(kind, &output, &slots, &cuts, Some(shape));
+            assert_eq!(written(&pack, &output), slots.len(), "{kind:?}");
         }
-        // Slots with a stand-in that repeats a byte are cut at, every one.
-        let single = [url[0]; 20];
-        let shape = Shape {
-            stand_ins: &vec![&single[..]; slots.len()],
-        };
-        assert!(!shape.faithful());
-        let pack = Pack::new(PackKind::Brotli, &output, &slots, &cuts, Some(shape));
-        assert_eq!(written(&pack, &output), slots.len());
         // So are all when the output gives no way to copy a slot: here each slot sits in text
         // of its own, and the check that copies hold sends the pack back to be cut at each.
         output.clear();
@@ -1004,10 +1126,44 @@ mod tests {
         let shape = Shape {
             stand_ins: &stand_ins,
         };
-        let pack = Pack::new(PackKind::Brotli, &output, &slots, &[], Some(shape));
-        assert_eq!(written(&pack, &output), slots.len());
-        let stream = stream_of(PackKind::Brotli, &pack, &output, b"ID");
-        assert!(decode(PackKind::Brotli, &stream) == with_id(&output, &slots, b"ID"));
+        for kind in [PackKind::Gzip, PackKind::Brotli] {
+            let pack = Pack::new(kind, &output, &slots, &[], Some(shape));
+            assert_eq!(written(&pack, &output), slots.len(), "{kind:?}");
+            let stream = stream_of(kind, &pack, &output, b"ID");
+            assert!(decode(kind, &stream) == with_id(&output, &slots, b"ID"));
+        }
+    }
+
+    #[test]
+    fn a_piece_crc_with_ids_inside_is_the_crc_of_what_it_decodes_to() {
+        // The CRC of static bytes with IDs in them, from the CRC with zeros there and one
+        // product per stand-in: against crc32fast over the bytes themselves.
+        let (output, slots, _) = recorded_page();
+        let s = stand_in(&output, 20);
+        let stand_ins = vec![&s[..]; slots.len()];
+        let shape = Shape {
+            stand_ins: &stand_ins,
+        };
+        let pack = Pack::new(PackKind::Gzip, &output, &slots, &[], Some(shape));
+        let inside = |p: &Piece| matches!(p, Piece::Static(p) if !p.ids.is_empty());
+        assert!(
+            pack.pieces.iter().any(inside),
+            "no slot left inside a piece"
+        );
+        for id in [[b'7'; 20], *b"Zk9%2BaB%2Fc3Q%3D%3D", [0xff; 20]] {
+            let mut crc = 0;
+            for piece in pack.range(0, output.len()) {
+                match piece {
+                    Piece::Static(p) => crc = crc32_combine(crc, p.crc_with(|_| &id), p.shift),
+                    Piece::Slot(_) => {
+                        crc = crc32_combine(crc, crc32fast::hash(&id), crc32_shift(20))
+                    }
+                }
+            }
+            assert_eq!(crc, crc32fast::hash(&with_id(&output, &slots, &id)));
+        }
+        assert_eq!(crc32_linear(b""), 0);
+        assert_eq!(crc32_linear(&[0; 100]), 0);
     }
 
     #[test]
@@ -1022,13 +1178,16 @@ mod tests {
             (1000 + BROTLI_REACH + 1, 3),
             (2000 + BROTLI_REACH, 0),
         ];
-        assert_eq!(shape.first_of_each(&slots), [true, false, true, false]);
+        assert_eq!(
+            shape.first_of_each(&slots, BROTLI_REACH),
+            [true, false, true, false]
+        );
         // Distances are the client's: an output slot shorter than its ID moves the next along.
         let slots = [(0, 1), (BROTLI_REACH - 1, 1)];
         let shape = Shape {
             stand_ins: &[&s, &s],
         };
-        assert_eq!(shape.first_of_each(&slots), [true, true]);
+        assert_eq!(shape.first_of_each(&slots, BROTLI_REACH), [true, true]);
     }
 
     #[test]

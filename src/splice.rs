@@ -33,7 +33,7 @@ use crate::coding::{Coding, Encoder};
 use crate::decorate::Decorator;
 use crate::identity::VisitorId;
 use crate::metrics::Metrics;
-use crate::pack::{self, Pack, PackKind, Piece};
+use crate::pack::{self, Pack, PackKind};
 use crate::rewrite::{Page, PageRewriter, RewriteStats};
 
 /// `kmi` and 32 hex digits: what every sentinel starts with.
@@ -1229,14 +1229,8 @@ impl Splicer {
                 store.reweigh(key, recording);
             }
         }
-        let forms = &self.forms;
-        let out = encoder.packed(pack.range(replay.sent, to).iter().map(|piece| {
-            let id: &[u8] = match piece {
-                Piece::Slot(i) => forms.get(recording.slots[*i].1),
-                Piece::Static(_) => &[],
-            };
-            (piece, id)
-        }));
+        let (forms, slots) = (&self.forms, &recording.slots);
+        let out = encoder.packed(pack.range(replay.sent, to), |i| forms.get(slots[i].1));
         replay.sent = to;
         out
     }
