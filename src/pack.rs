@@ -216,8 +216,9 @@ enum RunCompressor {
 
 impl RunCompressor {
     /// A compressor for a run that `dictionary` precedes (as the client will have it, at
-    /// least wherever a match can reach; see [`Shape`]).
-    fn new(kind: PackKind, dictionary: &[u8], shaped: bool) -> RunCompressor {
+    /// least wherever a match can reach; see [`Shape`]). `inside`: the run holds slots as their
+    /// stand-ins (see [`Pack::new`]).
+    fn new(kind: PackKind, dictionary: &[u8], shaped: bool, inside: bool) -> RunCompressor {
         match kind {
             PackKind::Gzip => {
                 let mut c = flate2::Compress::new(flate2::Compression::new(PACK_LEVEL), false);
@@ -230,6 +231,22 @@ impl RunCompressor {
             }
             PackKind::Brotli => {
                 let mut b = BrotliRun::new(PACK_BROTLI_QUALITY, PACK_BROTLI_WINDOW, None);
+                if inside {
+                    // Brotli codes a literal with the code its context picks, and the context is
+                    // the two bytes before it: after a slot, the visitor's ID, which the encoder
+                    // never saw. Without context modeling a literal decodes the same whatever
+                    // came before (the code depends only on the block type, which the stream
+                    // states). The splice fuzz target found a stream that decoded to garbage
+                    // after a slot before this was set.
+                    use brotli::enc::encode::BrotliEncoderParameter as P;
+                    let off = b
+                        .state
+                        .set_parameter(P::BROTLI_PARAM_DISABLE_LITERAL_CONTEXT_MODELING, 1);
+                    assert!(
+                        off,
+                        "the brotli encoder refused to turn context modeling off"
+                    );
+                }
                 if !dictionary.is_empty() {
                     // The encoder itself keeps only what its window can reach.
                     b.state.set_custom_dictionary(dictionary.len(), dictionary);
@@ -441,6 +458,8 @@ impl Pack {
             .map(|(&(at, _), _)| at)
             .collect();
         let stand_in = |i: usize| shape.map_or(&[][..], |s| s.stand_ins[i]);
+        // Whether any slot is left inside a piece.
+        let copies = written.iter().any(|&w| !w);
         let mut pieces = Vec::with_capacity(edges.len());
         let mut bytes = 0;
         // The next slot not yet behind us.
@@ -496,7 +515,8 @@ impl Pack {
                     None => ids.push((slot, shift)),
                 }
             }
-            let c = run.get_or_insert_with(|| RunCompressor::new(kind, &seen, shape.is_some()));
+            let c =
+                run.get_or_insert_with(|| RunCompressor::new(kind, &seen, shape.is_some(), copies));
             if shape.is_some() {
                 seen.extend_from_slice(data);
             }
@@ -538,7 +558,6 @@ impl Pack {
         slots: &[(usize, usize)],
         shape: Shape<'_>,
     ) -> bool {
-        use std::io::Read;
         // Bytes the output has, so never a stand-in's, and a different one at each offset.
         let present: Vec<u8> = {
             let absent = absent_bytes(output);
@@ -547,13 +566,35 @@ impl Pack {
         if present.is_empty() {
             return false;
         }
-        let test = |s: &[u8]| -> Vec<u8> {
-            let seed = s.first().map_or(0, |&b| usize::from(b));
-            (0..s.len())
-                .map(|k| present[(seed + k * 7) % present.len()])
-                .collect()
-        };
-        let tests: Vec<Vec<u8>> = shape.stand_ins.iter().map(|s| test(s)).collect();
+        // Two test IDs per stand-in, one from the low byte values the output has and one from
+        // the high ones: a decoder whose output depended on the ID's bytes (not only on where
+        // they are) would tell them apart.
+        let n = present.len();
+        (0..2).all(|flavour| {
+            let test = |s: &[u8]| -> Vec<u8> {
+                let seed = s.first().map_or(0, |&b| usize::from(b));
+                (0..s.len())
+                    .map(|k| match flavour {
+                        0 => present[(seed + k * 7) % n],
+                        _ => present[n - 1 - (seed + k * 11) % n],
+                    })
+                    .collect()
+            };
+            let tests: Vec<Vec<u8>> = shape.stand_ins.iter().map(|s| test(s)).collect();
+            self.decodes_with(kind, output, slots, &tests)
+        })
+    }
+
+    /// Whether the pack with `tests[i]` in each written slot `i` decodes to the output with
+    /// `tests[i]` in every slot `i`.
+    fn decodes_with(
+        &self,
+        kind: PackKind,
+        output: &[u8],
+        slots: &[(usize, usize)],
+        tests: &[Vec<u8>],
+    ) -> bool {
+        use std::io::Read;
         let id_of = |i: usize| &tests[i][..];
         let mut want = Vec::with_capacity(output.len());
         let mut at = 0;
