@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
 
-use crate::pack::{PackKind, Piece};
+use crate::pack::{PackKind, Piece, GZIP_HEADER};
 
 /// A single content coding the rewriter can undo and redo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -816,9 +816,6 @@ thread_local! {
     static DEFLATE: RefCell<flate2::Compress> =
         RefCell::new(flate2::Compress::new(flate2::Compression::new(GZIP_LEVEL), false));
 }
-
-/// gzip header: magic, deflate, no flags, no time, no extra flags, OS unknown.
-const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
 impl GzipSegments {
     fn segment(&mut self, chunk: &[u8], last: bool) -> std::io::Result<Vec<u8>> {

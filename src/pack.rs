@@ -115,6 +115,9 @@ pub enum Piece {
     Slot(usize),
 }
 
+/// A gzip header: magic, deflate, no flags, no time, no extra flags, OS unknown.
+pub const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+
 /// Deflate's window: no match reaches further back.
 const DEFLATE_WINDOW: usize = 32 * 1024;
 
@@ -604,49 +607,57 @@ impl Pack {
             at = s + len;
         }
         want.extend_from_slice(&output[at..]);
+        let stream = self.stream(kind, id_of);
         let mut got = Vec::with_capacity(want.len());
+        // For gzip the decoder checks the trailer's CRC and length too.
         let read = match kind {
+            PackKind::Brotli => brotli::Decompressor::new(&stream[..], 4096).read_to_end(&mut got),
+            PackKind::Gzip => flate2::read::GzDecoder::new(&stream[..]).read_to_end(&mut got),
+        };
+        read.is_ok() && got == want
+    }
+
+    /// The whole stream of `kind` the pack makes with `id_of(i)` in slot `i`: header, every
+    /// piece, the end, and for gzip the trailer from the pieces' CRCs. The checks' reading of a
+    /// pack; a visitor's response is put together piece by piece in `coding.rs`.
+    fn stream<'a>(&self, kind: PackKind, id_of: impl Fn(usize) -> &'a [u8] + Copy) -> Vec<u8> {
+        match kind {
             PackKind::Brotli => {
-                let mut stream = brotli_header(PACK_BROTLI_WINDOW).to_vec();
+                let mut out = brotli_header(PACK_BROTLI_WINDOW).to_vec();
                 for piece in &self.pieces {
                     match piece {
-                        Piece::Static(p) => stream.extend_from_slice(&p.data),
-                        Piece::Slot(i) => brotli_stored(id_of(*i), &mut stream),
+                        Piece::Static(p) => out.extend_from_slice(&p.data),
+                        Piece::Slot(i) => brotli_stored(id_of(*i), &mut out),
                     }
                 }
-                stream.push(BROTLI_END);
-                brotli::Decompressor::new(&stream[..], 4096).read_to_end(&mut got)
+                out.push(BROTLI_END);
+                out
             }
             PackKind::Gzip => {
-                // A whole member, its trailer from the pieces' CRCs: the decoder checks both.
-                let mut stream = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+                let mut out = GZIP_HEADER.to_vec();
                 let (mut crc, mut len) = (0u32, 0u64);
                 for piece in &self.pieces {
                     match piece {
                         Piece::Static(p) => {
-                            stream.extend_from_slice(&p.data);
+                            out.extend_from_slice(&p.data);
                             crc = crc32_combine(crc, p.crc_with(id_of), p.shift);
                             len += p.len;
                         }
                         Piece::Slot(i) => {
                             let id = id_of(*i);
-                            stored_block(id, &mut stream);
-                            crc = crc32_combine(
-                                crc,
-                                crc32fast::hash(id),
-                                crc32_shift(id.len() as u64),
-                            );
+                            stored_block(id, &mut out);
+                            let shift = crc32_shift(id.len() as u64);
+                            crc = crc32_combine(crc, crc32fast::hash(id), shift);
                             len += id.len() as u64;
                         }
                     }
                 }
-                stream.extend_from_slice(&[0x03, 0x00]);
-                stream.extend_from_slice(&crc.to_le_bytes());
-                stream.extend_from_slice(&(len as u32).to_le_bytes());
-                flate2::read::GzDecoder::new(&stream[..]).read_to_end(&mut got)
+                out.extend_from_slice(&[0x03, 0x00]); // an empty final fixed-Huffman block
+                out.extend_from_slice(&crc.to_le_bytes());
+                out.extend_from_slice(&(len as u32).to_le_bytes());
+                out
             }
-        };
-        read.is_ok() && got == want
+        }
     }
 
     /// [`Pack::new`] for gzip.
@@ -780,40 +791,11 @@ mod tests {
     }
 
     fn gzip_of(pack: &Pack, output: &[u8], slots: &[(usize, usize)], id: &[u8]) -> Vec<u8> {
-        gzip_with(pack, output, |i| {
+        assert_eq!(pack.end, output.len());
+        pack.stream(PackKind::Gzip, |i| {
             assert!(i < slots.len(), "a slot");
             id
         })
-    }
-
-    /// A gzip member of the pack's pieces with `id_of(i)` in slot `i`, its trailer made as
-    /// `coding.rs` makes it.
-    fn gzip_with<'a>(
-        pack: &Pack,
-        output: &[u8],
-        id_of: impl Fn(usize) -> &'a [u8] + Copy,
-    ) -> Vec<u8> {
-        let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
-        let (mut crc, mut len) = (0u32, 0u64);
-        for piece in pack.range(0, output.len()) {
-            match piece {
-                Piece::Static(p) => {
-                    out.extend_from_slice(&p.data);
-                    crc = crc32_combine(crc, p.crc_with(id_of), p.shift);
-                    len += p.len;
-                }
-                Piece::Slot(i) => {
-                    let id = id_of(*i);
-                    stored_block(id, &mut out);
-                    crc = crc32_combine(crc, crc32fast::hash(id), crc32_shift(id.len() as u64));
-                    len += id.len() as u64;
-                }
-            }
-        }
-        out.extend_from_slice(&[0x03, 0x00]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-        out
     }
 
     #[test]
@@ -888,19 +870,8 @@ mod tests {
     }
 
     fn brotli_of(pack: &Pack, output: &[u8], id: &[u8]) -> Vec<u8> {
-        brotli_with(pack, output, |_| id)
-    }
-
-    fn brotli_with<'a>(pack: &Pack, output: &[u8], id_of: impl Fn(usize) -> &'a [u8]) -> Vec<u8> {
-        let mut out = brotli_header(PACK_BROTLI_WINDOW).to_vec();
-        for piece in pack.range(0, output.len()) {
-            match piece {
-                Piece::Static(p) => out.extend_from_slice(&p.data),
-                Piece::Slot(i) => brotli_stored(id_of(*i), &mut out),
-            }
-        }
-        out.push(BROTLI_END);
-        out
+        assert_eq!(pack.end, output.len());
+        pack.stream(PackKind::Brotli, |_| id)
     }
 
     #[test]
@@ -954,10 +925,8 @@ mod tests {
         output: &[u8],
         id_of: impl Fn(usize) -> &'a [u8] + Copy,
     ) -> Vec<u8> {
-        match kind {
-            PackKind::Brotli => brotli_with(pack, output, id_of),
-            PackKind::Gzip => gzip_with(pack, output, id_of),
-        }
+        assert_eq!(pack.end, output.len());
+        pack.stream(kind, id_of)
     }
 
     fn decode(kind: PackKind, stream: &[u8]) -> Vec<u8> {
