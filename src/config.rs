@@ -122,6 +122,7 @@ struct RawLimits {
     max_connections: Option<i64>,
     max_header_bytes: Option<i64>,
     max_rewrites: Option<i64>,
+    workers: Option<i64>,
 }
 
 /// How log lines are written.
@@ -307,11 +308,18 @@ pub struct Limits {
     /// Pages rewritten at once across all connections; further ones queue (see
     /// `body::RewriteBudget`).
     pub max_rewrites: usize,
+    /// Threads that serve client connections, each with a runtime of its own (see
+    /// `server::Workers`); by default one per CPU the process may use.
+    pub workers: usize,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_REWRITES: usize = 256;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// One worker per CPU this process may run on (its affinity and cgroup quota count).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
 /// hyper cannot read a request head into a buffer smaller than this.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
@@ -592,6 +600,7 @@ impl Validator {
                 1,
                 DEFAULT_MAX_REWRITES,
             ),
+            workers: self.count("limits.workers", raw.limits.workers, 1, default_workers()),
         };
         let admin = raw
             .admin
@@ -1051,6 +1060,7 @@ impl fmt::Display for Config {
         writeln!(f, "max_connections = {}", self.limits.max_connections)?;
         writeln!(f, "max_header_bytes = {}", self.limits.max_header_bytes)?;
         writeln!(f, "max_rewrites = {}", self.limits.max_rewrites)?;
+        writeln!(f, "workers = {}", self.limits.workers)?;
         writeln!(f, "\n[log]")?;
         let format = match self.log_format {
             LogFormat::Text => "text",
@@ -1238,7 +1248,7 @@ mod tests {
         );
         assert!(p[0].message.contains("xml"), "{p:?}");
         let p = problems(
-            "upstream = \"http://a\"\nshutdown_timeout = \"0s\"\n[admin]\nlisten = \"x\"\n[limits]\nmax_connections = 0\nmax_header_bytes = 100\n",
+            "upstream = \"http://a\"\nshutdown_timeout = \"0s\"\n[admin]\nlisten = \"x\"\n[limits]\nmax_connections = 0\nmax_header_bytes = 100\nworkers = 0\n",
         );
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
@@ -1247,9 +1257,12 @@ mod tests {
                 "shutdown_timeout",
                 "limits.max_connections",
                 "limits.max_header_bytes",
+                "limits.workers",
                 "admin.listen"
             ]
         );
+        assert_eq!(p[3].value, "0");
+        assert!(p[3].message.contains("at least 1"), "{:?}", p[3]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::rewrite::{self, Charset, Page};
 use crate::script::{Injection, Script};
 use crate::splice::{self, Recordings, Splicer};
-use crate::upstream::{self, Origin, RequestBody, UpstreamBody};
+use crate::upstream::{self, Origins, RequestBody, UpstreamBody};
 use crate::{consent, csp, paths, request, tunnel};
 use arc_swap::ArcSwap;
 
@@ -65,7 +65,7 @@ pub struct Proxy {
 /// A configuration and the origin client built for it.
 pub struct Snapshot {
     pub config: Arc<Config>,
-    origin: Origin,
+    origins: Origins,
     /// Recorded rewrites of this configuration: a reload starts with none, so a recording never
     /// outlives the settings it was made under.
     recordings: Option<Arc<Recordings>>,
@@ -73,11 +73,15 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn new(config: Arc<Config>, metrics: &Arc<Metrics>) -> Snapshot {
-        let origin = Origin::new(&config.upstream, config.timeouts.upstream_connect);
+        let origins = Origins::new(
+            &config.upstream,
+            config.timeouts.upstream_connect,
+            config.limits.workers,
+        );
         let recordings = Recordings::new(config.cache_bytes, Arc::clone(metrics));
         Snapshot {
             config,
-            origin,
+            origins,
             recordings,
         }
     }
@@ -244,7 +248,7 @@ impl Proxy {
     pub fn reload(&self, config: Config) -> Vec<String> {
         let old = self.config();
         // Settings read once when the server starts: a change needs a restart.
-        let start_only: [(&str, ReadSetting); 9] = [
+        let start_only: [(&str, ReadSetting); 10] = [
             ("listen", |c| format!("{:?}", c.listen)),
             ("listen_tls", |c| format!("{:?}", c.listen_tls)),
             ("admin.listen", |c| format!("{:?}", c.admin)),
@@ -255,6 +259,7 @@ impl Proxy {
                 c.limits.max_header_bytes.to_string()
             }),
             ("limits.max_rewrites", |c| c.limits.max_rewrites.to_string()),
+            ("limits.workers", |c| c.limits.workers.to_string()),
             ("timeouts.client_header", |c| {
                 format!("{:?}", c.timeouts.client_header)
             }),
@@ -517,7 +522,7 @@ impl Proxy {
             (Request::from_parts(parts, body), sent, upload)
         };
         let started = Instant::now();
-        let response = snapshot.origin.request(upstream_req);
+        let response = snapshot.origins.here().request(upstream_req);
         // The wait for the origin's answer starts once the request body has been sent: a slow
         // upload is the client's pace, not a slow origin. While it is being sent, the origin
         // may not leave a piece of it unread for longer than the same timeout.

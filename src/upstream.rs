@@ -32,7 +32,36 @@ pub type Error = hyper_util::client::legacy::Error;
 /// The most an HTTP/1.1 origin connection buffers of a response (hyper's default is 400 KiB).
 pub const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
-/// The origin client shared by every connection.
+thread_local! {
+    /// Which of the server's workers this thread is (`server::Workers`); 0 on any other thread.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as worker `index`: its requests use that worker's origin client.
+pub fn serve_as_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// One origin client per worker: a worker's requests reuse only the connections it opened, whose
+/// tasks run on its own runtime, so a response never crosses threads on its way through.
+pub struct Origins(Vec<Origin>);
+
+impl Origins {
+    pub fn new(upstream: &Upstream, connect_timeout: Duration, workers: usize) -> Origins {
+        Origins(
+            (0..workers.max(1))
+                .map(|_| Origin::new(upstream, connect_timeout))
+                .collect(),
+        )
+    }
+
+    /// This thread's worker's client.
+    pub fn here(&self) -> &Origin {
+        &self.0[WORKER.with(|w| w.get()) % self.0.len()]
+    }
+}
+
+/// The origin client of one worker (see [`Origins`]).
 #[derive(Clone)]
 pub struct Origin {
     client: Client<FixedDestination, RequestBody>,

@@ -1,0 +1,131 @@
+//! The proxy's worker threads (`limits.workers`): each accepts on its own socket and serves what it
+//! accepted, and none outlives the proxy, whether it was stopped or dropped. A test binary of its
+//! own: it counts the process's threads by name, which other tests' proxies would disturb.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PAGE: &str = "<!DOCTYPE html><html><body>\
+                    <a href=\"https://checkout.partner.com/pay\">Pay</a>\
+                    <a href=\"https://www.elsewhere.test/\">Elsewhere</a></body></html>\n";
+
+/// The tests count threads of the whole process: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// This process's threads named like the proxy's workers.
+fn worker_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task lists this process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("kmi-worker-"))
+        .count()
+}
+
+/// Waits up to five seconds for the worker threads to number `want`.
+async fn workers_become(want: usize) -> usize {
+    let start = Instant::now();
+    loop {
+        let now = worker_threads();
+        if now == want || start.elapsed() > Duration::from_secs(5) {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn workers_serve_many_connections_at_once_and_end_with_the_proxy() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    runtime().block_on(many_connections_at_once());
+}
+
+async fn many_connections_at_once() {
+    assert_eq!(worker_threads(), 0, "no proxy runs yet");
+    let origin = origin().route("/", |_| Reply::html(PAGE)).start().await;
+    let proxy = proxy("[limits]\nworkers = 3\n", origin.addr).await;
+    assert_eq!(
+        workers_become(3).await,
+        3,
+        "limits.workers = 3 starts three"
+    );
+
+    // Many connections at once: the kernel spreads them over the workers' sockets, and each is
+    // answered by whichever worker accepted it, decorated as always.
+    let visits = (0..24).map(|i| {
+        let addr = proxy.addr;
+        tokio::spawn(async move {
+            let rsp = get(addr, "/")
+                .cookie(&format!("km_ai=visitor{i}"))
+                .send()
+                .await;
+            assert_eq!(rsp.status(), 200);
+            text_of(rsp).await
+        })
+    });
+    for (i, visit) in visits.enumerate() {
+        let page = within("a page through the workers", visit)
+            .await
+            .expect("the visit");
+        assert!(
+            page.contains(&format!(
+                "https://checkout.partner.com/pay?kmi=visitor{i}\""
+            )),
+            "visitor {i} got their own ID: {page}"
+        );
+        assert!(
+            page.contains("href=\"https://www.elsewhere.test/\""),
+            "{page}"
+        );
+    }
+
+    let addr = proxy.addr;
+    within("the proxy to stop", proxy.stop()).await;
+    assert_eq!(
+        worker_threads(),
+        0,
+        "stop() returns once every worker has ended"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no worker's socket still listens on {addr}"
+    );
+}
+
+#[test]
+fn dropping_a_running_proxy_ends_its_workers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(worker_threads(), 0, "no proxy runs yet");
+    let runtime = runtime();
+    let addr = runtime.block_on(async {
+        let origin = origin().route("/", |_| Reply::html(PAGE)).start().await;
+        let proxy = proxy("[limits]\nworkers = 2\n", origin.addr).await;
+        assert_eq!(workers_become(2).await, 2);
+        let rsp = get(proxy.addr, "/").cookie("km_ai=abc").send().await;
+        assert!(text_of(rsp).await.contains("pay?kmi=abc\""));
+        let addr = proxy.addr;
+        // Dropped without stop(), as when a test or an embedding program ends its runtime.
+        drop(proxy);
+        addr
+    });
+    // The server's task dies with its runtime; its workers must not outlive it.
+    drop(runtime);
+    let start = Instant::now();
+    while worker_threads() > 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(worker_threads(), 0, "the workers ended with the runtime");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "no worker's socket still listens on {addr}"
+    );
+}
