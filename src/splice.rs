@@ -460,8 +460,16 @@ impl Recorder {
             return None;
         }
         // Exact-size copies: the buffers grew by doubling, and a recording kept for minutes should
-        // hold its bytes, not up to twice as much (the store weighs lengths).
-        let output = Bytes::copy_from_slice(&self.output);
+        // hold its bytes, not up to twice as much (the store weighs lengths). Input and output
+        // share one allocation: for a page of more than 64 KB that is past malloc's mmap
+        // threshold, so an evicted recording leaves the process whole instead of leaving a hole
+        // in some worker's heap (`cargo bench --bench recordings`: RSS per recorded byte 1.74
+        // with two copies on two workers' heaps, 1.27 with one).
+        let mut both = BytesMut::with_capacity(self.input.len() + self.output.len());
+        both.extend_from_slice(&self.input);
+        both.extend_from_slice(&self.output);
+        let mut output = both.freeze();
+        let input = output.split_to(self.input.len());
         let mut slots = Vec::new();
         for at in memmem::find_iter(&output, &sentinel.stem) {
             match output.get(at + STEM_LEN) {
@@ -490,7 +498,7 @@ impl Recorder {
         let wire = self.wire.take().and_then(|w| w.finish(self.input.len()));
         Some(Recording {
             sentinel,
-            input: Bytes::copy_from_slice(&self.input),
+            input,
             output,
             slots,
             checkpoints: self.checkpoints,
