@@ -42,6 +42,12 @@ pub struct DirectionLabels {
     pub direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker thread's index, from 0 (see `limits.workers`).
+    pub worker: String,
+}
+
 /// Request and upstream latencies: 1 ms to about 33 s, doubling.
 fn latency_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16)
@@ -61,6 +67,7 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     pub bytes: Family<DirectionLabels, Counter>,
     pub open_connections: Gauge,
+    pub worker_connections: Family<WorkerLabels, Gauge>,
     /// Rewritten pages by the path that served them: parsed, recorded, spliced, diverged.
     pub pages: Family<ReasonLabels, Counter>,
     pub pages_verified: Family<ReasonLabels, Counter>,
@@ -178,6 +185,12 @@ impl Metrics {
             "Client connections open now",
             open_connections.clone(),
         );
+        let worker_connections = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "worker_connections",
+            "Client connections open now on each worker thread",
+            worker_connections.clone(),
+        );
         let rewriter_bailouts = Counter::default();
         registry.register(
             "rewriter_bailouts",
@@ -209,6 +222,7 @@ impl Metrics {
             upstream_duration,
             bytes,
             open_connections,
+            worker_connections,
             pages,
             pages_verified,
             divergence_offset,

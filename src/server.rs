@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerLabels};
 use crate::proxy::{Connection, Proxy, Scheme};
 use crate::tunnel::{ConnectionGuard, Lease, Tunnels};
 
@@ -262,12 +262,13 @@ impl Server {
                 (self.tls.into_iter().map(|l| (l, Scheme::Https)))
                     .zip(self.workers.handles.iter().cycle()),
             );
-        for ((listener, scheme), worker) in listeners {
+        for (i, ((listener, scheme), worker)) in listeners.enumerate() {
             let shared = Arc::clone(&shared);
+            let index = i % self.workers.handles.len();
             accept_loops.push(worker.spawn(async move {
                 // Registered with the worker's own reactor, so its connections live there.
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => accept_loop(listener, scheme, shared).await,
+                    Ok(listener) => accept_loop(listener, scheme, shared, index).await,
                     Err(e) => tracing::error!("a worker cannot accept connections: {e}"),
                 }
             }));
@@ -315,7 +316,7 @@ struct Shared {
     first_request: Duration,
 }
 
-async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>, worker: usize) {
     loop {
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -342,7 +343,8 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>)
         let _ = stream.set_nodelay(true);
         let task_shared = Arc::clone(&shared);
         shared.connections.spawn(async move {
-            let open: ConnectionGuard = Arc::new(Open::new(permit, task_shared.proxy.metrics()));
+            let open: ConnectionGuard =
+                Arc::new(Open::new(permit, task_shared.proxy.metrics(), worker));
             match scheme {
                 Scheme::Http => {
                     serve(TokioIo::new(stream), client, scheme, &task_shared, open).await
@@ -364,14 +366,20 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>)
 struct Open {
     _permit: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
+    worker: WorkerLabels,
 }
 
 impl Open {
-    fn new(permit: OwnedSemaphorePermit, metrics: &Arc<Metrics>) -> Open {
+    fn new(permit: OwnedSemaphorePermit, metrics: &Arc<Metrics>, worker: usize) -> Open {
+        let worker = WorkerLabels {
+            worker: worker.to_string(),
+        };
         metrics.open_connections.inc();
+        metrics.worker_connections.get_or_create(&worker).inc();
         Open {
             _permit: permit,
             metrics: Arc::clone(metrics),
+            worker,
         }
     }
 }
@@ -379,6 +387,10 @@ impl Open {
 impl Drop for Open {
     fn drop(&mut self) {
         self.metrics.open_connections.dec();
+        self.metrics
+            .worker_connections
+            .get_or_create(&self.worker)
+            .dec();
     }
 }
 

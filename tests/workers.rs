@@ -1,5 +1,5 @@
-//! The proxy's worker threads (`limits.workers`): each accepts on its own socket and serves what it
-//! accepted, and none outlives the proxy, whether it was stopped or dropped. A test binary of its
+//! The proxy's worker threads (`limits.workers`): connections spread over them, each serves what
+//! it accepted, and none outlives the proxy, whether it was stopped or dropped. A test binary of its
 //! own: it counts the process's threads by name, which other tests' proxies would disturb.
 
 mod support;
@@ -59,21 +59,22 @@ async fn many_connections_at_once() {
         "limits.workers = 3 starts three"
     );
 
-    // Many connections at once: the kernel spreads them over the workers' sockets, and each is
-    // answered by whichever worker accepted it, decorated as always.
+    // 24 keep-alive connections, opened at once, each served once and kept open: every visitor
+    // gets their own ID, and more than one worker holds connections.
+    let addr = proxy.addr;
     let visits = (0..24).map(|i| {
-        let addr = proxy.addr;
         tokio::spawn(async move {
-            let rsp = get(addr, "/")
-                .cookie(&format!("km_ai=visitor{i}"))
-                .send()
+            let mut conn = connect(addr).await;
+            let rsp = conn
+                .send(get(addr, "/").cookie(&format!("km_ai=visitor{i}")))
                 .await;
             assert_eq!(rsp.status(), 200);
-            text_of(rsp).await
+            (conn, text_of(rsp).await)
         })
     });
+    let mut open = Vec::new();
     for (i, visit) in visits.enumerate() {
-        let page = within("a page through the workers", visit)
+        let (conn, page) = within("a page through the workers", visit)
             .await
             .expect("the visit");
         assert!(
@@ -86,9 +87,32 @@ async fn many_connections_at_once() {
             page.contains("href=\"https://www.elsewhere.test/\""),
             "{page}"
         );
+        open.push(conn);
+    }
+    let metrics = proxy.handle.metrics_text();
+    let per_worker: Vec<u64> = (0..3)
+        .map(|w| {
+            let line = format!("kmi_proxy_worker_connections{{worker=\"{w}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("no {line:?} in the metrics:\n{metrics}"))
+                .trim()
+                .parse()
+                .expect("a count")
+        })
+        .collect();
+    assert_eq!(per_worker.iter().sum::<u64>(), 24, "{per_worker:?}");
+    // The kernel hashes each connection to one worker's socket: not an even split, but all 24
+    // on one worker would mean the others never accept (a chance of 3^-23 otherwise).
+    assert!(
+        per_worker.iter().filter(|&&n| n > 0).count() >= 2,
+        "24 connections spread over the workers: {per_worker:?}"
+    );
+    for conn in open {
+        conn.close().await;
     }
 
-    let addr = proxy.addr;
     within("the proxy to stop", proxy.stop()).await;
     assert_eq!(
         worker_threads(),
