@@ -153,3 +153,24 @@ fn dropping_a_running_proxy_ends_its_workers() {
         "no worker's socket still listens on {addr}"
     );
 }
+
+#[test]
+fn an_address_another_program_listens_on_is_refused_with_its_name() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A plain listener, without SO_REUSEPORT: the workers' sockets may not join it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("its address");
+    let text = config_text_for("http://127.0.0.1:9", "")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    let config = kmi_proxy::config::Config::parse(&text, "test configuration").expect("valid");
+    let started = runtime().block_on(kmi_proxy::server::spawn(config));
+    let Err(e) = started else {
+        panic!("the proxy started on {addr}, where another socket listens");
+    };
+    assert!(
+        e.to_string()
+            .contains(&format!("cannot listen for HTTP on {addr}")),
+        "{e}"
+    );
+    assert_eq!(worker_threads(), 0, "no worker started");
+}
