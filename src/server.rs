@@ -54,9 +54,9 @@ async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
 /// A listener for each worker, all on one address (`SO_REUSEPORT`): the kernel spreads new
 /// connections over them, as nginx's `reuseport` spreads them over its worker processes. (One
 /// socket shared by every worker would let the first to wake accept a whole burst.) Port 0 picks
-/// a free port for the first; the others join it. As with nginx's `reuseport`, a second
-/// kmi-proxy of the same user on the same address joins the group instead of failing; any other
-/// socket already there makes the bind fail.
+/// a free port for the first; the others join it. The address is first bound once without
+/// `SO_REUSEPORT`, so that anything listening there, another kmi-proxy included, makes the bind
+/// fail as it did with a single socket, instead of quietly sharing the port.
 async fn bind_shared(
     addr: SocketAddr,
     what: &str,
@@ -64,8 +64,8 @@ async fn bind_shared(
 ) -> io::Result<Vec<std::net::TcpListener>> {
     let fail =
         |e: io::Error| io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"));
+    let mut at = bind(addr, what).await?.local_addr()?;
     let mut listeners = Vec::with_capacity(workers);
-    let mut at = addr;
     for _ in 0..workers.max(1) {
         let socket = if at.is_ipv4() {
             TcpSocket::new_v4()

@@ -290,9 +290,11 @@ async fn draining_fails_readiness_refuses_new_connections_and_lets_the_streaming
     let refused = within("new connections to be refused", async {
         loop {
             // A connection that slipped into the backlog before the listener closed is dropped
-            // with it; try again until the port itself refuses.
-            if let Err(e) = TcpStream::connect(addr).await {
-                break e;
+            // with it, and while the workers' sockets close one by one a connection may be reset
+            // by one that is closing; try again until the port itself refuses.
+            match TcpStream::connect(addr).await {
+                Err(e) if e.kind() != std::io::ErrorKind::ConnectionReset => break e,
+                _ => tokio::task::yield_now().await,
             }
         }
     })

@@ -155,7 +155,7 @@ fn dropping_a_running_proxy_ends_its_workers() {
 }
 
 #[test]
-fn an_address_another_program_listens_on_is_refused_with_its_name() {
+fn an_address_another_program_or_proxy_listens_on_is_refused_with_its_name() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // A plain listener, without SO_REUSEPORT: the workers' sockets may not join it.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
@@ -173,4 +173,27 @@ fn an_address_another_program_listens_on_is_refused_with_its_name() {
         "{e}"
     );
     assert_eq!(worker_threads(), 0, "no worker started");
+
+    // Nor may a second proxy join a running one's sockets: with SO_REUSEPORT it could, and two
+    // proxies (say, two configurations) would quietly split the traffic.
+    runtime().block_on(async {
+        let first = proxy("[limits]\nworkers = 2\n", addr).await;
+        let text = config_text_for("http://127.0.0.1:9", "").replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", first.addr),
+        );
+        let config = kmi_proxy::config::Config::parse(&text, "test configuration").expect("valid");
+        let Err(e) = kmi_proxy::server::spawn(config).await else {
+            panic!(
+                "a second proxy started on {}, where the first listens",
+                first.addr
+            );
+        };
+        assert!(
+            e.to_string()
+                .contains(&format!("cannot listen for HTTP on {}", first.addr)),
+            "{e}"
+        );
+        first.stop().await;
+    });
 }
