@@ -5,7 +5,7 @@
 use prometheus_client::encoding::{text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -89,6 +89,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The `worker_connections` gauge of one worker, to count its connections without a lookup
+    /// each time.
+    pub fn on_worker(&self, worker: usize) -> Gauge {
+        self.worker_connections
+            .get_or_create(&WorkerLabels {
+                worker: worker.to_string(),
+            })
+            .clone()
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("kmi_proxy");
         let requests = Family::<RequestLabels, Counter>::default();

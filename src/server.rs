@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::config::Config;
-use crate::metrics::{Metrics, WorkerLabels};
+use crate::metrics::{Gauge, Metrics};
 use crate::proxy::{Connection, Proxy, Scheme};
 use crate::tunnel::{ConnectionGuard, Lease, Tunnels};
 
@@ -48,7 +48,11 @@ pub struct Server {
 async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}")))
+        .map_err(|e| cannot_listen(addr, what, e))
+}
+
+fn cannot_listen(addr: SocketAddr, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"))
 }
 
 /// A listener for each worker, all on one address (`SO_REUSEPORT`): the kernel spreads new
@@ -62,8 +66,7 @@ async fn bind_shared(
     what: &str,
     workers: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    let fail =
-        |e: io::Error| io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"));
+    let fail = |e| cannot_listen(addr, what, e);
     let mut at = bind(addr, what).await?.local_addr()?;
     let mut listeners = Vec::with_capacity(workers);
     for _ in 0..workers.max(1) {
@@ -259,15 +262,13 @@ impl Server {
             ));
         }
         let mut accept_loops = Vec::new();
+        // Each address has one socket per worker, in worker order.
+        let workers = || self.workers.handles.iter().enumerate();
         let listeners = (self.plain.into_iter().map(|l| (l, Scheme::Http)))
-            .zip(self.workers.handles.iter().cycle())
-            .chain(
-                (self.tls.into_iter().map(|l| (l, Scheme::Https)))
-                    .zip(self.workers.handles.iter().cycle()),
-            );
-        for (i, ((listener, scheme), worker)) in listeners.enumerate() {
+            .zip(workers())
+            .chain((self.tls.into_iter().map(|l| (l, Scheme::Https))).zip(workers()));
+        for ((listener, scheme), (index, worker)) in listeners {
             let shared = Arc::clone(&shared);
-            let index = i % self.workers.handles.len();
             accept_loops.push(worker.spawn(async move {
                 // Registered with the worker's own reactor, so its connections live there.
                 match TcpListener::from_std(listener) {
@@ -368,32 +369,28 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>,
 /// and released when the last of them ends.
 struct Open {
     _permit: OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
-    worker: WorkerLabels,
+    open: Gauge,
+    /// The accepting worker's `worker_connections` gauge.
+    on_worker: Gauge,
 }
 
 impl Open {
-    fn new(permit: OwnedSemaphorePermit, metrics: &Arc<Metrics>, worker: usize) -> Open {
-        let worker = WorkerLabels {
-            worker: worker.to_string(),
-        };
+    fn new(permit: OwnedSemaphorePermit, metrics: &Metrics, worker: usize) -> Open {
+        let on_worker = metrics.on_worker(worker);
         metrics.open_connections.inc();
-        metrics.worker_connections.get_or_create(&worker).inc();
+        on_worker.inc();
         Open {
             _permit: permit,
-            metrics: Arc::clone(metrics),
-            worker,
+            open: metrics.open_connections.clone(),
+            on_worker,
         }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.metrics.open_connections.dec();
-        self.metrics
-            .worker_connections
-            .get_or_create(&self.worker)
-            .dec();
+        self.open.dec();
+        self.on_worker.dec();
     }
 }
 

@@ -47,10 +47,13 @@ pub fn serve_as_worker(index: usize) {
 pub struct Origins(Vec<Origin>);
 
 impl Origins {
+    /// `workers` clients with pools of their own, dialling through one connector (its TLS
+    /// configuration is made once).
     pub fn new(upstream: &Upstream, connect_timeout: Duration, workers: usize) -> Origins {
+        let connector = FixedDestination::new(upstream, connect_timeout);
         Origins(
             (0..workers.max(1))
-                .map(|_| Origin::new(upstream, connect_timeout))
+                .map(|_| Origin::new(connector.clone()))
                 .collect(),
         )
     }
@@ -67,8 +70,8 @@ pub struct Origin {
     client: Client<FixedDestination, RequestBody>,
 }
 
-impl Origin {
-    pub fn new(upstream: &Upstream, connect_timeout: Duration) -> Origin {
+impl FixedDestination {
+    fn new(upstream: &Upstream, connect_timeout: Duration) -> FixedDestination {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
@@ -91,6 +94,16 @@ impl Origin {
             .path_and_query("/")
             .build()
             .expect("scheme and authority were validated with the configuration");
+        FixedDestination {
+            inner: https,
+            target,
+            connect_timeout,
+        }
+    }
+}
+
+impl Origin {
+    fn new(connector: FixedDestination) -> Origin {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -101,11 +114,7 @@ impl Origin {
             // held stream stays within its bound (`cargo bench --bench pressure -- streams`).
             .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .timer(TokioTimer::new())
-            .build(FixedDestination {
-                inner: https,
-                target,
-                connect_timeout,
-            });
+            .build(connector);
         Origin { client }
     }
 
