@@ -67,21 +67,8 @@ http {
 }
 EOF
 nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log"
-cat >"$dir/kmi.toml" <<EOF
-listen = "127.0.0.1:$proxy_port"
-upstream = "http://127.0.0.1:$origin_port"
-shutdown_timeout = "1s"
-
-[log]
-format = "text"
-
-[limits]
-max_connections = 10000
-
-[[partner]]
-name = "cloudflare"
-domains = ["dash.cloudflare.com", "support.cloudflare.com", "community.cloudflare.com"]
-EOF
+PARTNERS=(dash.cloudflare.com support.cloudflare.com community.cloudflare.com)
+write_kmi_config "$dir/kmi.toml" "$proxy_port" "$(free_port)" "$origin_port"
 
 url="http://127.0.0.1:$proxy_port/index.html"
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shell helpers shared by benches/load.sh and benches/capacity.sh. Sourced, not run; the caller
-# defines die().
+# Shell helpers shared by benches/load.sh, benches/capacity.sh and benches/ab.sh. Sourced, not
+# run; the caller defines die().
 
 # Samples the machine for a second and warns when other processes (a compiler, say) keep it
 # busy: they take CPU from whatever is measured and skew every figure.
@@ -22,4 +22,32 @@ raise_open_files() {
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$1" ] ||
         die "open-file limit $(ulimit -n) is below $1; raise it or lower $2"
+}
+
+# kmi-proxy as deployed: an admin listener, a text access log, the partner hosts in the caller's
+# PARTNERS array. Arguments: the file, the listen, admin and origin ports, then lines of TOML to
+# append.
+write_kmi_config() {
+    local file=$1 listen=$2 admin=$3 origin=$4 partner_list
+    shift 4
+    partner_list=$(printf '"%s", ' "${PARTNERS[@]}")
+    cat >"$file" <<TOML
+listen = "127.0.0.1:$listen"
+upstream = "http://127.0.0.1:$origin"
+shutdown_timeout = "2s"
+
+[admin]
+listen = "127.0.0.1:$admin"
+
+[log]
+format = "text"
+
+[limits]
+max_connections = 10000
+
+[[partner]]
+name = "cloudflare"
+domains = [${partner_list%, }]
+TOML
+    [ "$#" = 0 ] || printf '%s\n' "" "$@" >>"$file"
 }

@@ -452,32 +452,6 @@ ctype=$(curl -fsS -o /dev/null -w '%{content_type}' "http://127.0.0.1:$ORIGIN_PO
 
 # ---------------------------------------------------------------------------------------------
 # 3. kmi-proxy, configured for the page's partner links.
-partner_list=$(printf '"%s", ' "${PARTNERS[@]}")
-# kmi-proxy as deployed: an admin listener, a text access log, the three partner hosts.
-# Arguments: the file, the listen, admin and origin ports, then lines of TOML to append.
-write_kmi_config() {
-    local file=$1 listen=$2 admin=$3 origin=$4
-    shift 4
-    cat >"$file" <<TOML
-listen = "127.0.0.1:$listen"
-upstream = "http://127.0.0.1:$origin"
-shutdown_timeout = "2s"
-
-[admin]
-listen = "127.0.0.1:$admin"
-
-[log]
-format = "text"
-
-[limits]
-max_connections = 10000
-
-[[partner]]
-name = "cloudflare"
-domains = [${partner_list%, }]
-TOML
-    [ "$#" = 0 ] || printf '%s\n' "" "$@" >>"$file"
-}
 # Starts the release binary on a configuration and waits for its admin listener; its PID is
 # left in LAST_PID (and KMI_PIDS). Arguments: what to call it, the config, the log, admin port.
 start_kmi() {
