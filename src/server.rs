@@ -86,13 +86,22 @@ async fn bind_shared(
     Ok(listeners)
 }
 
-/// The threads that serve client connections: each runs a single-threaded tokio runtime, accepts
-/// on its own socket of each listening address and serves every connection it accepted, with its
-/// requests, their upstream connections and their bodies, to the end. A connection's tasks never
-/// wake another thread, which on a work-stealing runtime cost a context switch for most
-/// requests: with two workers instead of a two-thread runtime, a spliced corpus page took 69 us
-/// of CPU instead of 77, and 16,064 requests/s instead of 13,721 (`benches/ab.sh`). The admin
-/// listener, signals and shutdown stay on the caller's runtime.
+/// The threads that serve client connections: each runs a tokio runtime of one worker thread,
+/// accepts on its own socket of each listening address and serves every connection it accepted,
+/// with its requests, their upstream connections and their bodies, to the end. A connection's
+/// tasks never wake another thread, which on a work-stealing runtime cost a context switch for
+/// most requests: with two workers instead of a two-thread runtime, a spliced corpus page took
+/// 69 us of CPU instead of 77, and 16,064 requests/s instead of 13,721 (`benches/ab.sh`). The
+/// admin listener, signals and shutdown stay on the caller's runtime.
+///
+/// Each worker's runtime is tokio's multi-thread scheduler with one thread, not the
+/// current-thread one, for its LIFO slot: a task woken by the task running now runs next. The
+/// origin connection's task reads a piece of the page and wakes the client connection's task,
+/// which then sends that piece while it is still in the CPU's cache. On the current-thread
+/// scheduler it ran after every other task ready at the time; with 256 connections the piece was
+/// out of the cache by then, and the kernel's copy of it into the client's socket took 24 us per
+/// page instead of 10 (`perf`, a page passed through). `benches/ab.sh` with `CONNS=256`: 10% less
+/// CPU per page passed through and 6% less per page spliced; with 32 connections, the same.
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     /// Cancelled when the server is done or dropped: each worker's runtime stops, dropping
@@ -110,17 +119,18 @@ impl Workers {
             threads: Vec::with_capacity(count),
         };
         for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(format!("kmi-worker-{i}"))
+                .on_thread_start(move || crate::upstream::serve_as_worker(i))
                 .enable_all()
                 .build()?;
             workers.handles.push(runtime.handle().clone());
             let exit = exit.clone();
+            // Holds the runtime until the exit; dropping it there waits for the worker's thread.
             let thread = std::thread::Builder::new()
-                .name(format!("kmi-worker-{i}"))
-                .spawn(move || {
-                    crate::upstream::serve_as_worker(i);
-                    runtime.block_on(exit.cancelled());
-                })?;
+                .name(format!("kmi-owner-{i}"))
+                .spawn(move || runtime.block_on(exit.cancelled()))?;
             workers.threads.push(thread);
         }
         Ok(workers)
