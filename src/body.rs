@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access_log::AccessLog;
 use crate::coding::{self, Coding, DecodeError, Decoder, Encoder};
+use crate::segments::Segments;
 use crate::splice::{Splicer, WireStep};
 use crate::upstream::UpstreamBody;
 
@@ -293,7 +294,7 @@ impl ResponseBody {
         }
     }
 
-    fn count(&mut self, frame: &Frame<Bytes>) {
+    fn count(&mut self, frame: &Frame<Segments>) {
         if let (Some(log), Some(data)) = (self.log.as_mut(), frame.data_ref()) {
             log.bytes_out += data.len() as u64;
         }
@@ -327,17 +328,19 @@ impl ResponseBody {
 }
 
 impl Body for ResponseBody {
-    type Data = Bytes;
+    type Data = Segments;
     type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Segments>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Passthrough(body) => Pin::new(body).poll_frame(cx),
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b.into())))),
+            Kind::Passthrough(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_ok(|frame| frame.map_data(Segments::from)),
             Kind::Rewrite(r) => r.poll_rewritten(cx),
         };
         match &polled {
@@ -391,7 +394,7 @@ impl Rewriting {
     fn poll_rewritten(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Segments>, BoxError>>> {
         if let Some(acquiring) = &mut self.acquiring {
             let permit = std::task::ready!(acquiring.as_mut().poll(cx));
             self.acquiring = None;
@@ -425,10 +428,10 @@ impl Rewriting {
                 let piece = self.unread.split_to(self.unread.len().min(coding::SLICE));
                 let out = match &mut self.encoder {
                     Some(encoder) => match self.rewriter.write_encoded(&piece, encoder) {
-                        Ok(out) => out,
+                        Ok(out) => out.into(),
                         Err(e) => return self.fail(e),
                     },
-                    None => self.rewriter.write(&piece),
+                    None => self.rewriter.write_segments(&piece),
                 };
                 if !out.is_empty() {
                     return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -458,7 +461,7 @@ impl Rewriting {
                 }
                 match self.rewriter.write_encoded(&plain, &mut codec.encoder) {
                     Ok(out) if out.is_empty() => continue,
-                    Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                    Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out.into())))),
                     Err(e) => return self.fail(e),
                 }
             }
@@ -484,7 +487,7 @@ impl Rewriting {
                         Some(codec) if self.wire => {
                             let step = self.rewriter.write_wire(&data, &mut codec.encoder);
                             match step {
-                                Ok(WireStep::Verified(out)) => out,
+                                Ok(WireStep::Verified(out)) => out.into(),
                                 Ok(WireStep::Decode {
                                     out,
                                     redo,
@@ -498,7 +501,7 @@ impl Rewriting {
                                     again.extend_from_slice(&redo);
                                     again.extend_from_slice(&data[from..]);
                                     codec.take(again.freeze());
-                                    out
+                                    out.into()
                                 }
                                 Err(e) => return self.fail(e),
                             }
@@ -542,10 +545,10 @@ impl Rewriting {
     fn poll_passthrough(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Segments>, BoxError>>> {
         if let Some(held) = self.codec.take().and_then(|c| c.held) {
             if !held.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(held.freeze()))));
+                return Poll::Ready(Some(Ok(Frame::data(held.freeze().into()))));
             }
         }
         if self.upstream_done {
@@ -570,7 +573,7 @@ impl Rewriting {
                 }
             };
             return match out {
-                Ok(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
+                Ok(out) => Poll::Ready(Some(Ok(Frame::data(out.into())))),
                 Err(e) => self.fail(e),
             };
         }
@@ -578,7 +581,7 @@ impl Rewriting {
             self.upstream_done = true;
             self.ended = true;
         }
-        Poll::Ready(polled)
+        Poll::Ready(polled.map(|frame| frame.map(|frame| frame.map_data(Segments::from))))
     }
 
     /// Stops rewriting: the page goes out as the origin sent it, and the slot is free for
@@ -591,7 +594,7 @@ impl Rewriting {
 
     /// A corrupt, truncated or runaway compressed body: the client's response ends in an error,
     /// so it is never mistaken for a complete page.
-    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Segments>, BoxError>>> {
         self.ended = true;
         self.trailers = None;
         self.codec = None;
@@ -600,13 +603,13 @@ impl Rewriting {
     }
 
     /// The origin's body has ended: the rewriter's and the encoder's last bytes.
-    fn end(&mut self) -> Result<Bytes, BoxError> {
+    fn end(&mut self) -> Result<Segments, BoxError> {
         let Some(codec) = self.codec.as_mut() else {
             self.ended = true;
             self.permit = None;
             return match &mut self.encoder {
-                Some(encoder) => Ok(self.rewriter.end_encoded(encoder)?),
-                None => Ok(self.rewriter.end()),
+                Some(encoder) => Ok(self.rewriter.end_encoded(encoder)?.into()),
+                None => Ok(self.rewriter.end_segments()),
             };
         };
         if self.wire {
@@ -616,7 +619,7 @@ impl Rewriting {
                     self.ended = true;
                     self.permit = None;
                     self.codec = None;
-                    return Ok(out);
+                    return Ok(out.into());
                 }
                 // Shorter than the recording: decode what was verified, then end as usual
                 // (a compressed stream cut short ends the response with an error).
@@ -625,7 +628,7 @@ impl Rewriting {
                 } => {
                     codec.skip = skip;
                     codec.take(redo);
-                    return Ok(out);
+                    return Ok(out.into());
                 }
             }
         }
@@ -633,7 +636,7 @@ impl Rewriting {
             if codec.can_pass_through() {
                 tracing::debug!("page sent as the origin sent it: {e}");
                 self.give_up("undecodable");
-                return Ok(Bytes::new());
+                return Ok(Segments::default());
             }
             return Err(e.into());
         }
@@ -641,7 +644,7 @@ impl Rewriting {
         self.permit = None;
         let out = self.rewriter.end_encoded(&mut codec.encoder)?;
         self.codec = None;
-        Ok(out)
+        Ok(out.into())
     }
 }
 

@@ -45,6 +45,7 @@ pub mod proxy;
 pub mod request;
 pub mod rewrite;
 pub mod script;
+pub mod segments;
 pub mod server;
 pub mod splice;
 pub mod tls;

@@ -35,6 +35,7 @@ use crate::identity::VisitorId;
 use crate::metrics::Metrics;
 use crate::pack::{self, Pack, PackKind};
 use crate::rewrite::{Page, PageRewriter, RewriteStats};
+use crate::segments::Segments;
 
 /// `kmi` and 32 hex digits: what every sentinel starts with.
 const STEM_LEN: usize = 35;
@@ -47,6 +48,9 @@ const MAX_MISSES: u32 = 3;
 
 /// A recording has a checkpoint at least every this many input bytes.
 const CHECKPOINT_EVERY: usize = 8 * 1024;
+/// A replay sends a run of recorded bytes at least this long as a slice of the recording, and a
+/// shorter one copied (see [`Recording::splice`]).
+const SHARE_MIN: usize = 512;
 const UNSTABLE_FOR: Duration = Duration::from_secs(30);
 
 /// The two forms an ID takes in a page.
@@ -384,23 +388,33 @@ impl Recording {
         (pack, made)
     }
 
-    /// The output `[from, to)` for a visitor: static bytes shared with the recording where there
-    /// is no slot, the visitor's ID where there is.
-    fn splice(&self, from: usize, to: usize, forms: &Forms) -> Bytes {
+    /// The output `[from, to)` for a visitor: the recorded bytes between slots as slices of
+    /// `output` (this request's handle on [`Recording::output`]), the visitor's ID in the slots.
+    /// A run of recorded bytes shorter than [`SHARE_MIN`] is copied, with the IDs beside it, into
+    /// a small buffer instead: cheaper than a slice of its own in the frame.
+    fn splice(&self, output: &Bytes, from: usize, to: usize, forms: &Forms) -> Segments {
         let first = self.slots.partition_point(|&(at, _)| at < from);
-        let slots = &self.slots[first..];
-        if !matches!(slots.first(), Some(&(at, _)) if at < to) {
-            return self.output.slice(from..to);
-        }
-        let mut out = BytesMut::with_capacity(to - from + 64);
+        let mut out = Segments::default();
+        // Room for a few IDs and the short runs beside them, in one allocation: each part split
+        // off it leaves the rest of the room to the next.
+        let mut small = BytesMut::with_capacity(4 * SHARE_MIN);
+        let recorded = |a: usize, b: usize, small: &mut BytesMut, out: &mut Segments| {
+            if b - a >= SHARE_MIN {
+                out.push(small.split().freeze());
+                out.push(output.slice(a..b));
+            } else {
+                small.extend_from_slice(&output[a..b]);
+            }
+        };
         let mut at = from;
-        for &(slot, form) in slots.iter().take_while(|&&(s, _)| s < to) {
-            out.extend_from_slice(&self.output[at..slot]);
-            out.extend_from_slice(forms.get(form));
+        for &(slot, form) in self.slots[first..].iter().take_while(|&&(s, _)| s < to) {
+            recorded(at, slot, &mut small, &mut out);
+            small.extend_from_slice(forms.get(form));
             at = slot + SENTINEL_LEN;
         }
-        out.extend_from_slice(&self.output[at..to]);
-        out.freeze()
+        recorded(at, to, &mut small, &mut out);
+        out.push(small.freeze());
+        out
     }
 
     /// The output known once input `[0, verified)` matched: the last checkpoint at or before it.
@@ -906,6 +920,10 @@ impl Drop for Learning {
 
 struct Replay {
     recording: Arc<Recording>,
+    /// This request's own handle on the recording's output: its slices count their references
+    /// here rather than on the recording's, which every worker's requests share (an atomic
+    /// count that two CPUs write bounces between their caches).
+    output: Bytes,
     /// Compressed bytes compared equal with the recording's so far, while the live body is
     /// compared compressed (see [`Splicer::compressed`]).
     wire: Option<usize>,
@@ -958,6 +976,7 @@ impl Splicer {
             Lookup::Replay(recording) => {
                 splicer.report.set(Path::Spliced);
                 Mode::Replay(Replay {
+                    output: Bytes::from_owner(recording.output.clone()),
                     recording,
                     wire: None,
                     learning: None,
@@ -1005,9 +1024,15 @@ impl Splicer {
 
     /// Feeds one chunk of the page; returns the output that is ready.
     pub fn write(&mut self, chunk: &[u8]) -> Bytes {
+        self.write_segments(chunk).into_bytes()
+    }
+
+    /// [`Splicer::write`], the output as a frame of several byte strings: a replay's are
+    /// slices of the recording, with the visitor's ID between them.
+    pub fn write_segments(&mut self, chunk: &[u8]) -> Segments {
         match &mut self.mode {
-            Mode::Parse(rewriter) => rewriter.write(chunk),
-            Mode::Live(live) => live.write(chunk),
+            Mode::Parse(rewriter) => rewriter.write(chunk).into(),
+            Mode::Live(live) => live.write(chunk).into(),
             Mode::Replay(replay) => {
                 let rest = &replay.recording.input[replay.verified..];
                 let same = common_prefix(chunk, rest);
@@ -1021,10 +1046,11 @@ impl Splicer {
                     let to = replay.recording.covered(verified);
                     self.send_recorded(to)
                 };
-                let after = self.diverge(verified, &chunk[same..]);
-                join(before, after)
+                let mut out = before;
+                out.push(self.diverge(verified, &chunk[same..]));
+                out
             }
-            Mode::Done => Bytes::new(),
+            Mode::Done => Segments::default(),
         }
     }
 
@@ -1207,7 +1233,7 @@ impl Splicer {
         if encoder.takes_packed().is_some() {
             Ok(self.send_packed(to, encoder))
         } else {
-            let plain = self.send_recorded(to);
+            let plain = self.send_recorded(to).into_bytes();
             encode(plain, encoder)
         }
     }
@@ -1245,15 +1271,21 @@ impl Splicer {
 
     /// Ends the page; returns the last output.
     pub fn end(&mut self) -> Bytes {
+        self.end_segments().into_bytes()
+    }
+
+    /// [`Splicer::end`], the output as a frame of several byte strings (see
+    /// [`Splicer::write_segments`]).
+    pub fn end_segments(&mut self) -> Segments {
         let out = match &mut self.mode {
-            Mode::Parse(rewriter) => rewriter.end(),
+            Mode::Parse(rewriter) => rewriter.end().into(),
             Mode::Live(_) => {
                 let Mode::Live(mut live) = std::mem::replace(&mut self.mode, Mode::Done) else {
                     unreachable!()
                 };
                 let out = live.end();
                 self.store_recording(*live);
-                return out;
+                return out.into();
             }
             Mode::Replay(replay) => {
                 if replay.verified == replay.recording.input.len() {
@@ -1267,11 +1299,11 @@ impl Splicer {
                 }
                 // The live body is shorter than the recording.
                 let verified = replay.verified;
-                let before = self.diverge(verified, &[]);
-                let after = self.end();
-                return join(before, after);
+                let mut out = Segments::from(self.diverge(verified, &[]));
+                out.append(self.end_segments());
+                return out;
             }
-            Mode::Done => Bytes::new(),
+            Mode::Done => Segments::default(),
         };
         self.mode = Mode::Done;
         out
@@ -1294,14 +1326,14 @@ impl Splicer {
     }
 
     /// Sends the recording's output up to `to`.
-    fn send_recorded(&mut self, to: usize) -> Bytes {
+    fn send_recorded(&mut self, to: usize) -> Segments {
         let Mode::Replay(replay) = &mut self.mode else {
-            return Bytes::new();
+            return Segments::default();
         };
         if to <= replay.sent {
-            return Bytes::new();
+            return Segments::default();
         }
-        let out = replay.recording.splice(replay.sent, to, &self.forms);
+        let out = (replay.recording).splice(&replay.output, replay.sent, to, &self.forms);
         replay.sent = to;
         out
     }
@@ -1539,11 +1571,72 @@ mod tests {
             vec![(5, slot), (9, slot), (12, output.len())]
         );
         let forms = Forms::of(Some(&VisitorId::new("v@x").unwrap()));
-        assert_eq!(&rec.splice(0, slot, &forms)[..], &output.as_bytes()[..slot]);
-        assert_eq!(
-            &rec.splice(0, output.len(), &forms)[..],
-            b"<a href=\"x?kmi=v%40x\">"
-        );
+        let spliced = |to| rec.splice(&rec.output, 0, to, &forms).into_bytes();
+        assert_eq!(spliced(slot), &output.as_bytes()[..slot]);
+        assert_eq!(spliced(output.len()), &b"<a href=\"x?kmi=v%40x\">"[..]);
+    }
+
+    /// Runs of recorded bytes around the slots just shorter than, as long as and longer than
+    /// what is sent as a slice: every range between two slots' edges reads as the recorded
+    /// output with the visitor's ID in each slot, in either form.
+    #[test]
+    fn a_splice_is_the_recorded_output_with_the_id_in_its_slots() {
+        let sentinel = Sentinel::random();
+        let stem = sentinel.stem().to_string();
+        let runs = [
+            0,
+            1,
+            SHARE_MIN - 1,
+            SHARE_MIN,
+            SHARE_MIN + 1,
+            3 * SHARE_MIN,
+            7,
+        ];
+        let mut output = String::new();
+        let mut wanted = String::new();
+        let id = VisitorId::new("v@x \"<&>").unwrap();
+        let forms = Forms::of(Some(&id));
+        let mut edges = vec![0];
+        for (i, &run) in runs.iter().enumerate() {
+            let filler: String = (0..run)
+                .map(|j| (b'a' + ((i + j) % 26) as u8) as char)
+                .collect();
+            output.push_str(&filler);
+            wanted.push_str(&filler);
+            edges.push(output.len());
+            if i + 1 < runs.len() {
+                let (mark, form) = if i % 2 == 0 {
+                    ("u", Form::Url)
+                } else {
+                    ("h", Form::Html)
+                };
+                output.push_str(&format!("{stem}{mark}"));
+                wanted.push_str(std::str::from_utf8(forms.get(form)).unwrap());
+                edges.push(output.len());
+            }
+        }
+        let mut r = Recorder::new(1 << 20, 0);
+        r.input.extend_from_slice(b"<p>");
+        r.output.extend_from_slice(output.as_bytes());
+        r.checkpoints = vec![(3, output.len())];
+        let stats = crate::rewrite::RewriteStats::shared(0);
+        let rec = r.finish(sentinel, &stats).expect("recorded");
+        assert_eq!(rec.slots.len(), runs.len() - 1);
+        let handle = Bytes::from_owner(rec.output.clone());
+        let whole = rec.splice(&handle, 0, output.len(), &forms);
+        assert_eq!(whole.len(), wanted.len());
+        assert_eq!(whole.into_bytes(), wanted.as_bytes());
+        // Sent piece by piece, from one slot's edge to a later one, it is the same.
+        for (a, &from) in edges.iter().enumerate() {
+            for &to in &edges[a..] {
+                let mut joined = Vec::new();
+                joined.extend_from_slice(&rec.splice(&handle, 0, from, &forms).into_bytes());
+                joined.extend_from_slice(&rec.splice(&handle, from, to, &forms).into_bytes());
+                joined
+                    .extend_from_slice(&rec.splice(&handle, to, output.len(), &forms).into_bytes());
+                assert_eq!(joined, wanted.as_bytes(), "cut at {from} and {to}");
+            }
+        }
     }
 
     #[test]

@@ -621,6 +621,70 @@ async fn a_reload_drops_the_recordings_and_follows_the_new_partners() {
     );
 }
 
+/// A spliced page goes out as slices of its recording with the visitor's ID between them
+/// (`segments::Segments`, one vectored write per frame): long runs of text between links, as on
+/// real pages, and short ones around them. Every visitor's page, over HTTP/1.1 and over HTTP/2,
+/// is the uncached rewrite for their ID.
+#[tokio::test]
+async fn a_spliced_page_of_long_and_short_runs_is_exact_over_http1_and_http2() {
+    let mut page = String::new();
+    for i in 0..6 {
+        page.push_str(SYNTHETIC);
+        page.push_str(&"long run of text between links ".repeat(60 + 97 * i));
+        page.push_str("</p>\n");
+    }
+    let served = page.clone();
+    let origin = origin()
+        .route("/", move |_| Reply::html(served.clone()))
+        .start()
+        .await;
+    let proxy = proxy(ADMIN, origin.addr).await;
+    let decorator = Arc::clone(&config("", origin.addr).decorator);
+    let ct = "text/html; charset=utf-8";
+    let want = |id: &str| {
+        uncached(
+            &decorator,
+            Some(&VisitorId::new(id).unwrap()),
+            ct,
+            page.as_bytes(),
+        )
+    };
+    // The first visitor's page is recorded; the others are spliced.
+    assert_eq!(
+        page_for(proxy.addr, "/", "first").await.into_bytes(),
+        want("first")
+    );
+    let mut h2 = connect_h2c(proxy.addr).await;
+    let visitors = [
+        ("second", "second"),
+        ("v%40x", "v@x"),
+        ("a%26b%3Cc%3E%22d", "a&b<c>\"d"),
+    ];
+    for (cookie, id) in visitors {
+        assert_eq!(
+            page_for(proxy.addr, "/", cookie).await.into_bytes(),
+            want(id),
+            "HTTP/1.1, {id}"
+        );
+        let rsp = h2
+            .send(
+                get(proxy.addr, "/")
+                    .header("accept", "text/html")
+                    .cookie(&format!("km_ai={cookie}")),
+            )
+            .await;
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.version(), http::Version::HTTP_2);
+        assert_eq!(body_of(rsp).await.to_vec(), want(id), "HTTP/2, {id}");
+    }
+    let m = metrics_of(&proxy).await;
+    assert_eq!(
+        metric(&m, r#"kmi_proxy_pages_total{reason="spliced"}"#),
+        Some(6.0),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn a_page_that_changes_mid_stream_diverges_and_is_still_exact() {
     let big = SYNTHETIC.repeat(30);
