@@ -95,9 +95,6 @@ impl Buf for Segments {
             cnt -= self.first.len();
             self.first = self.rest.pop_front().unwrap_or_default();
         }
-        if self.first.is_empty() {
-            self.first = self.rest.pop_front().unwrap_or_default();
-        }
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {

@@ -394,6 +394,10 @@ impl Recording {
     /// a small buffer instead: cheaper than a slice of its own in the frame.
     fn splice(&self, output: &Bytes, from: usize, to: usize, forms: &Forms) -> Segments {
         let first = self.slots.partition_point(|&(at, _)| at < from);
+        let slots = &self.slots[first..];
+        if !matches!(slots.first(), Some(&(at, _)) if at < to) {
+            return output.slice(from..to).into();
+        }
         let mut out = Segments::default();
         // Room for a few IDs and the short runs beside them, in one allocation: each part split
         // off it leaves the rest of the room to the next.
@@ -407,7 +411,7 @@ impl Recording {
             }
         };
         let mut at = from;
-        for &(slot, form) in self.slots[first..].iter().take_while(|&&(s, _)| s < to) {
+        for &(slot, form) in slots.iter().take_while(|&&(s, _)| s < to) {
             recorded(at, slot, &mut small, &mut out);
             small.extend_from_slice(forms.get(form));
             at = slot + SENTINEL_LEN;
@@ -1333,7 +1337,9 @@ impl Splicer {
         if to <= replay.sent {
             return Segments::default();
         }
-        let out = (replay.recording).splice(&replay.output, replay.sent, to, &self.forms);
+        let out = replay
+            .recording
+            .splice(&replay.output, replay.sent, to, &self.forms);
         replay.sent = to;
         out
     }
